@@ -1,0 +1,20 @@
+# bmdpipe: bone mineral density from plain radiographs, learned from CT.
+# Run: snakemake --cores all   (see README.md; resources live in profiles/)
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/ingest.smk"
+include: "rules/qc.smk"
+
+
+rule all:
+    input:
+        get_final_output(),
+    default_target: True

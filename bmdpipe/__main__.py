@@ -1,0 +1,5 @@
+import sys
+
+from bmdpipe.cli import main
+
+sys.exit(main())

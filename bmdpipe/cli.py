@@ -1,0 +1,101 @@
+"""Command-line interface: ``bmdpipe <command> ...``.
+
+Each command runs one stage without Snakemake. Bad input ends with
+``bmdpipe: error: <message>`` on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from bmdpipe import __version__
+from bmdpipe.errors import InputError
+
+
+def _cmd_ingest_ct(args: argparse.Namespace) -> None:
+    from bmdpipe.io.ct import ingest_ct
+
+    summary = ingest_ct(args.path, args.out, series_uid=args.series_uid, spacing_tolerance=args.spacing_tolerance)
+    print(json.dumps({k: summary[k] for k in ("shape_xyz", "spacing_mm", "kvp", "status")}))
+
+
+def _cmd_ingest_xray(args: argparse.Namespace) -> None:
+    from bmdpipe.io.xray import ingest_xray
+
+    summary = ingest_xray(
+        args.path,
+        args.out,
+        pixel_spacing_mm=args.pixel_spacing,
+        sdd_mm=args.sdd,
+        apply_voi=args.apply_voi_lut,
+    )
+    print(json.dumps({k: summary[k] for k in ("shape_rows_cols", "pixel_spacing_mm", "sdd_mm", "status")}))
+
+
+def _cmd_validate_samples(args: argparse.Namespace) -> None:
+    from bmdpipe.samples import load_samples, patients
+
+    df = load_samples(args.sheet, check_paths=not args.no_check_paths)
+    print(f"{args.sheet}: {len(df)} radiographs of {len(patients(df))} patients, valid")
+
+
+def _cmd_demo_data(args: argparse.Namespace) -> None:
+    from bmdpipe.datasets import build_public_demo
+
+    print(build_public_demo(args.out, cache=args.cache))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``bmdpipe`` command."""
+    parser = argparse.ArgumentParser(prog="bmdpipe", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"bmdpipe {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ingest-ct", help="DICOM series folder or NIfTI → NIfTI in HU plus a JSON summary")
+    p.add_argument("path", help="DICOM series folder or .nii/.nii.gz file")
+    p.add_argument("--out", required=True, help="output .nii.gz; the summary goes to the same name with .json")
+    p.add_argument("--series-uid", help="SeriesInstanceUID to read when the folder holds several series")
+    p.add_argument("--spacing-tolerance", type=float, default=0.01,
+                   help="largest relative deviation of a slice gap from the median (default 0.01)")
+    p.set_defaults(func=_cmd_ingest_ct)
+
+    p = sub.add_parser("ingest-xray", help="radiograph (DICOM CR/DX, PNG, JPEG, TIFF) → float NIfTI plus a JSON summary")
+    p.add_argument("path", help="radiograph file")
+    p.add_argument("--out", required=True, help="output .nii.gz; the summary goes to the same name with .json")
+    p.add_argument("--pixel-spacing", type=float, help="detector pixel pitch in mm (overrides the file)")
+    p.add_argument("--sdd", type=float, help="source-to-detector distance in mm (overrides the file)")
+    p.add_argument("--apply-voi-lut", action="store_true", help="apply the file's VOI LUT or window")
+    p.set_defaults(func=_cmd_ingest_xray)
+
+    p = sub.add_parser("validate-samples", help="check a samples sheet against its schema")
+    p.add_argument("sheet", help="samples sheet, TSV or CSV")
+    p.add_argument("--no-check-paths", action="store_true", help="do not require the referenced files to exist")
+    p.set_defaults(func=_cmd_validate_samples)
+
+    p = sub.add_parser("demo-data", help="write the public demo cohort (real public CT and radiograph files)")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--cache", help="download cache (default ~/.cache/bmdpipe)")
+    p.set_defaults(func=_cmd_demo_data)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; return the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except InputError as exc:
+        print(f"bmdpipe: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

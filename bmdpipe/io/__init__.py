@@ -1,0 +1,1 @@
+"""Input and output: DICOM and image readers, atomic writers."""

@@ -1,0 +1,201 @@
+"""The samples sheet: one row per radiograph, validated against its JSON schema.
+
+Validation goes through :func:`snakemake.utils.validate` (which also fills
+schema defaults) and is then checked across rows. Every problem is reported
+with the sheet's file name, the data row (1-based, header not counted), the
+file line and the column, and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from bmdpipe.errors import ConfigError
+
+SCHEMA = Path(__file__).resolve().parent.parent / "schemas" / "samples.schema.yaml"
+
+#: Columns whose value belongs to the patient and must agree on every row of that patient.
+PER_PATIENT_FIXED = ("ct", "ct_series_uid", "ct_labels", "label_table", "age", "sex", "site", "scanner")
+PATH_COLUMNS = ("xray", "ct", "ct_labels", "label_table")
+
+
+def schema_path() -> Path:
+    """The samples-sheet schema shipped with bmdpipe."""
+    if not SCHEMA.exists():  # installed without the repository around it
+        raise FileNotFoundError(f"samples schema not found at {SCHEMA}")
+    return SCHEMA
+
+
+def _load_schema() -> dict[str, Any]:
+    with open(schema_path()) as fh:
+        return yaml.safe_load(fh)
+
+
+def _where(sheet: Path, i: int) -> str:
+    return f"{sheet.name}: row {i + 1} (line {i + 2})"
+
+
+def _numeric_columns(schema: dict[str, Any], columns: list[str]) -> list[str]:
+    import re
+
+    numeric = [c for c, s in schema.get("properties", {}).items() if s.get("type") == "number"]
+    for pattern, sub in schema.get("patternProperties", {}).items():
+        if sub.get("type") == "number":
+            numeric += [c for c in columns if re.match(pattern, c)]
+    return [c for c in columns if c in numeric]
+
+
+def read_sheet(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read a TSV (``.tsv``, ``.txt``) or CSV (``.csv``) sheet as strings, blanks as missing."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{p}: samples sheet not found; set cohort.samples in the config to an existing TSV or CSV file")
+    sep = "," if p.suffix.lower() == ".csv" else "\t"
+    try:
+        df = pd.read_csv(p, sep=sep, dtype=str, keep_default_na=False, comment=None)
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: cannot parse the samples sheet as {'CSV' if sep == ',' else 'TSV'}: {exc}") from None
+    df.columns = [c.strip() for c in df.columns]
+    df = df.apply(lambda col: col.str.strip())
+    return df.replace("", pd.NA)
+
+
+def validate_samples(df: pd.DataFrame, sheet: str | os.PathLike[str], *, check_paths: bool = True) -> pd.DataFrame:
+    """Validate a sheet read by :func:`read_sheet`; return it typed, defaults filled, paths absolute.
+
+    Args:
+        df: the sheet, all columns as strings.
+        sheet: the sheet's path, for messages and to resolve relative paths.
+        check_paths: require every referenced file or folder to exist.
+
+    Raises:
+        ConfigError: naming the row, line and column of the first problem.
+    """
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate
+
+    sheet = Path(sheet)
+    schema = _load_schema()
+    missing = [c for c in schema.get("required", []) if c not in df.columns]
+    if missing:
+        raise ConfigError(
+            f"{sheet.name}: required column(s) {', '.join(repr(c) for c in missing)} missing; "
+            f"the header has {', '.join(repr(c) for c in df.columns)}"
+        )
+    if df.empty:
+        raise ConfigError(f"{sheet.name}: the samples sheet has a header but no rows")
+    df = df.copy()
+    for col in _numeric_columns(schema, list(df.columns)):
+        values = pd.to_numeric(df[col], errors="coerce")
+        bad = df[col].notna() & values.isna()
+        if bad.any():
+            i = int(bad.to_numpy().nonzero()[0][0])
+            raise ConfigError(f"{_where(sheet, i)}, column '{col}': {df[col].iloc[i]!r} is not a number")
+        df[col] = values.astype("float64")
+    for i, record in enumerate(df.to_dict("records")):
+        for col in schema.get("required", []):
+            if pd.isna(record.get(col)):
+                raise ConfigError(f"{_where(sheet, i)}, column '{col}': empty, a value is required")
+    object_cols = [c for c in df.columns if df[c].dtype != "float64"]
+    df[object_cols] = df[object_cols].astype(object)
+    try:
+        validate(df, str(schema_path()))
+    except WorkflowError as exc:
+        raise _row_error(exc, sheet) from None
+
+    _check_unique_views(df, sheet)
+    _check_per_patient(df, sheet)
+    for col in PATH_COLUMNS:
+        if col not in df.columns:
+            continue
+        for i, value in enumerate(df[col]):
+            if pd.isna(value):
+                continue
+            resolved = (sheet.parent / str(value)).resolve()
+            if check_paths and not resolved.exists():
+                raise ConfigError(
+                    f"{_where(sheet, i)}, column '{col}': {value!r} does not exist (resolved to {resolved}); "
+                    "paths are relative to the folder of the samples sheet"
+                )
+            df.loc[df.index[i], col] = str(resolved)
+    return df.reset_index(drop=True)
+
+
+def _row_error(exc: Exception, sheet: Path) -> ConfigError:
+    import re
+
+    import jsonschema
+
+    text = str(exc)
+    match = re.search(r"row (\d+)", text)
+    row = int(match.group(1)) if match else None
+    cause = next((a for a in getattr(exc, "args", ()) if isinstance(a, jsonschema.ValidationError)), None)
+    if cause is None:
+        cause = exc.__cause__ if isinstance(exc.__cause__, jsonschema.ValidationError) else None
+    where = _where(sheet, row) if row is not None else sheet.name
+    if cause is not None:
+        column = "/".join(str(p) for p in cause.absolute_path)
+        expected = _expected(cause)
+        col_text = f", column '{column}'" if column else ""
+        return ConfigError(f"{where}{col_text}: {cause.instance!r} is invalid: {expected}")
+    return ConfigError(f"{where}: {text}")
+
+
+def _expected(err: Any) -> str:
+    s = err.schema if isinstance(err.schema, dict) else {}
+    desc = s.get("description")
+    base = err.message
+    if err.validator == "pattern":
+        base = f"expected letters, digits, '_', '.' or '-' (pattern {err.validator_value})"
+    elif err.validator == "enum":
+        base = f"expected one of {err.validator_value}"
+    elif err.validator in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        base = f"expected a value with {err.validator} {err.validator_value}"
+    return f"{base}" + (f" ({desc.strip()})" if desc else "")
+
+
+def _check_unique_views(df: pd.DataFrame, sheet: Path) -> None:
+    dup = df.duplicated(["patient_id", "view"], keep=False)
+    if dup.any():
+        rows = [i for i in range(len(df)) if dup.iloc[i]]
+        first = rows[0]
+        same = [i for i in rows if (df.patient_id.iloc[i], df.view.iloc[i]) == (df.patient_id.iloc[first], df.view.iloc[first])]
+        raise ConfigError(
+            f"{sheet.name}: rows {', '.join(str(i + 1) for i in same)} (lines {', '.join(str(i + 2) for i in same)}) "
+            f"all have patient_id {df.patient_id.iloc[first]!r} and view {df.view.iloc[first]!r}; "
+            "give each radiograph of a patient its own view tag"
+        )
+
+
+def _check_per_patient(df: pd.DataFrame, sheet: Path) -> None:
+    columns = [c for c in df.columns if c in PER_PATIENT_FIXED or c.startswith(("dxa_", "qct_"))]
+    for pid, group in df.groupby("patient_id", sort=False):
+        first = group.index[0]
+        for col in columns:
+            for other in group.index[1:]:
+                a, b = group.at[first, col], group.at[other, col]
+                if (pd.isna(a) and pd.isna(b)) or (not pd.isna(a) and not pd.isna(b) and a == b):
+                    continue
+                raise ConfigError(
+                    f"{sheet.name}: patient {pid!r} has {col} = {_show(a)} in row {first + 1} "
+                    f"but {_show(b)} in row {other + 1}; a patient's {col} must be the same on all of its rows"
+                )
+
+
+def _show(value: Any) -> str:
+    return "<empty>" if pd.isna(value) else repr(value)
+
+
+def load_samples(path: str | os.PathLike[str], *, check_paths: bool = True) -> pd.DataFrame:
+    """Read and validate a samples sheet (:func:`read_sheet`, :func:`validate_samples`)."""
+    return validate_samples(read_sheet(path), path, check_paths=check_paths)
+
+
+def patients(df: pd.DataFrame) -> list[str]:
+    """Patient ids in sheet order, each once."""
+    return list(dict.fromkeys(df["patient_id"]))

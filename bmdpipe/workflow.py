@@ -1,0 +1,78 @@
+"""Glue between Snakemake rules and bmdpipe stages.
+
+A per-patient stage runs inside :class:`PatientStage`: logging goes to the
+rule's log file, and bad input (:class:`~bmdpipe.errors.InputError`) either
+stops the workflow (``on_patient_error: fail``) or is recorded as a failed
+summary JSON that the QC table reports (``on_patient_error: skip``), so that
+the other patients finish. Programming errors always propagate.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from bmdpipe import __version__
+from bmdpipe.errors import InputError
+from bmdpipe.io.atomic import write_json
+
+log = logging.getLogger("bmdpipe")
+
+
+def setup_logging(log_file: str | os.PathLike[str]) -> None:
+    """Send bmdpipe's log records and Python warnings to ``log_file`` (overwritten)."""
+    Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(
+        filename=str(log_file),
+        filemode="w",
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+    logging.captureWarnings(True)
+
+
+class PatientStage:
+    """One stage of one patient, run from a workflow script.
+
+    Args:
+        stage: stage name, recorded in every summary.
+        patient: the sheet's patient_id.
+        on_error: ``"skip"`` or ``"fail"`` (config ``on_patient_error``).
+    """
+
+    def __init__(self, stage: str, patient: str, on_error: str) -> None:
+        if on_error not in ("skip", "fail"):
+            raise ValueError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
+        self.stage = stage
+        self.patient = patient
+        self.on_error = on_error
+        self.failures: list[str] = []
+
+    def attempt(self, func: Callable[[], Any], summary_path: str | os.PathLike[str], **labels: Any) -> bool:
+        """Run ``func``; on bad input record a failed summary at ``summary_path``.
+
+        Returns:
+            True when ``func`` succeeded.
+        """
+        what = " ".join([self.patient, *[f"{k}={v}" for k, v in labels.items()]])
+        start = time.perf_counter()
+        try:
+            func()
+        except InputError as exc:
+            log.error("%s %s failed: %s", self.stage, what, exc)
+            if self.on_error == "fail":
+                raise
+            self.failures.append(str(exc))
+            write_json(summary_path, failed_summary(self.stage, self.patient, str(exc), **labels))
+            return False
+        log.info("%s %s done in %.2f s", self.stage, what, time.perf_counter() - start)
+        return True
+
+
+def failed_summary(stage: str, patient: str, reason: str, **labels: Any) -> dict[str, Any]:
+    """The summary JSON of a stage that could not run for this patient."""
+    return {"stage": stage, "status": "failed", "reason": reason, "patient_id": patient, "bmdpipe_version": __version__, **labels}
