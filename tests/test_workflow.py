@@ -1,0 +1,170 @@
+"""The Snakemake workflow: lint, dry run of config.yaml, real runs on small cohorts, no PHI in outputs."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+import SimpleITK as sitk
+import yaml
+from PIL import Image
+
+from bmdpipe.io.dicom_write import write_ct_series, write_radiograph
+
+from conftest import REPO, TEST_IDENTITY, make_ct, output_bytes, phi_values, pydicom_file
+
+
+def snakemake(*args, cwd=REPO, check=True):
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), *args]
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def test_lint_is_clean():
+    proc = snakemake("--lint", check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Congratulations" in proc.stdout + proc.stderr
+
+
+def test_dry_run_of_config_yaml_resolves_the_chain(tmp_path):
+    proc = snakemake("--dry-run", "--configfile", str(REPO / "config.yaml"), "--directory", str(tmp_path), "--cores", "2")
+    out = proc.stdout + proc.stderr
+    for rule in ("demo_cohort", "ingest_ct", "ingest_xray", "qc_ingest", "all"):
+        assert f"\n{rule} " in out or f"rule {rule}:" in out, f"{rule} missing from the dry run:\n{out[-3000:]}"
+
+
+def test_config_is_validated_by_schema(tmp_path):
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    cfg["on_patient_error"] = "ignore"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake("--dry-run", "--configfile", str(tmp_path / "bad.yaml"), "--directory", str(tmp_path), check=False)
+    assert proc.returncode != 0
+    assert "'ignore' is not one of ['skip', 'fail']" in proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def small_cohort(tmp_path_factory):
+    """Three patients as a hospital would send them, one bad CT and one bad radiograph among them."""
+    root = tmp_path_factory.mktemp("cohort")
+    data = root / "data"
+    write_ct_series(make_ct(seed=1), data / "ct" / "p01", identity=TEST_IDENTITY)
+    shutil.copy(pydicom_file("RG1_J2KR.dcm"), data / "p01_pa.dcm")
+    rg1 = pydicom.dcmread(pydicom_file("RG1_UNCR.dcm")).pixel_array
+    Image.fromarray(rg1[::4, ::4].astype(np.uint16)).save(data / "p01_small.png")
+
+    files = write_ct_series(make_ct(seed=2), data / "ct" / "p02", identity=TEST_IDENTITY)
+    files[3].unlink()  # a missing slice
+    pixels = (np.arange(80 * 60).reshape(80, 60) % 4000).astype(np.uint16)
+    write_radiograph(pixels, data / "p02_pa.dcm", pixel_spacing_mm=(0.15, 0.15), sdd_mm=1800.0,
+                     identity=TEST_IDENTITY, photometric="MONOCHROME1")
+
+    sitk.WriteImage(make_ct(seed=3), str(data / "p03.nii.gz"))
+    shutil.copy(pydicom_file("SC_rgb.dcm"), data / "p03_pa.dcm")  # a colour image
+
+    sheet = pd.DataFrame(
+        [
+            ["p01", "pa", "p01_pa.dcm", "ct/p01", 0.2, 0.91, 66, "F"],
+            ["p01", "small", "p01_small.png", "ct/p01", 0.8, 0.91, 66, "F"],
+            ["p02", "pa", "p02_pa.dcm", "ct/p02", None, 0.74, 71, "M"],
+            ["p03", "pa", "p03_pa.dcm", "p03.nii.gz", 0.2, 1.05, 58, "F"],
+        ],
+        columns=["patient_id", "view", "xray", "ct", "xray_pixel_spacing_mm", "dxa_L1", "age", "sex"],
+    )
+    sheet.to_csv(data / "samples.tsv", sep="\t", index=False)
+    config = {"cohort": {"source": "sheet", "samples": str(data / "samples.tsv")}}
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    inputs = [pydicom.dcmread(f) for f in (data / "ct" / "p01").iterdir()]
+    inputs += [pydicom.dcmread(data / n) for n in ("p01_pa.dcm", "p02_pa.dcm", "p03_pa.dcm")]
+    return root, inputs
+
+
+@pytest.fixture(scope="module")
+def cohort_run(small_cohort):
+    root, inputs = small_cohort
+    work = root / "work"
+    snakemake("--cores", "2", "--configfile", str(root / "config.yaml"), "--directory", str(work))
+    return work, inputs
+
+
+def test_bad_patients_are_reported_and_the_rest_finish(cohort_run):
+    work, _ = cohort_run
+    qc = pd.read_csv(work / "results" / "qc" / "ingest.tsv", sep="\t", keep_default_na=False)
+    status = {(r.patient_id, r.stage, r.view): (r.status, r.reason) for r in qc.itertuples()}
+    assert len(status) == 7
+    assert status[("p01", "ingest_ct", "")][0] == "ok"
+    assert status[("p01", "ingest_xray", "pa")][0] == "ok"
+    assert status[("p01", "ingest_xray", "small")][0] == "ok"
+    assert status[("p02", "ingest_ct", "")][0] == "failed"
+    assert "1 slice(s) missing between CT0003.dcm" in status[("p02", "ingest_ct", "")][1]
+    assert status[("p02", "ingest_xray", "pa")][0] == "ok"
+    assert status[("p03", "ingest_ct", "")][0] == "ok"
+    assert status[("p03", "ingest_xray", "pa")][0] == "failed"
+    assert "p03_pa.dcm: is a colour image" in status[("p03", "ingest_xray", "pa")][1]
+    assert (work / "results" / "ct" / "p01" / "ct.nii.gz").exists()
+    assert not (work / "results" / "ct" / "p02" / "ct.nii.gz").exists()
+    assert "slice(s) missing" in (work / "results" / "logs" / "ingest_ct" / "p02.log").read_text()
+    assert (work / "results" / "benchmarks" / "ingest_xray" / "p01.tsv").exists()
+
+
+def test_outputs_hold_the_sheet_geometry(cohort_run):
+    work, _ = cohort_run
+    from bmdpipe.io.xray import load_xray
+
+    image, spacing = load_xray(work / "results" / "xray" / "p01" / "small.nii.gz")
+    assert spacing == pytest.approx((0.8, 0.8))
+    assert image.shape == (489, 461)
+    p02, spacing = load_xray(work / "results" / "xray" / "p02" / "pa.nii.gz")
+    assert spacing == pytest.approx((0.15, 0.15))  # from ImagerPixelSpacing
+    assert p02[0, 1] == 4095 - 1  # MONOCHROME1 inverted over 12 bits
+
+
+def test_no_phi_reaches_any_output(cohort_run):
+    work, inputs = cohort_run
+    values = phi_values(*inputs)
+    assert {"Doe^Jane^Quincy", "MRN-73914-XQ", "Saint Nowhere Teaching Hospital", "CompressedSamples^RG1"} <= values
+    checked = 0
+    for path, data in output_bytes(work / "results"):
+        checked += 1
+        for value in values:
+            assert value.encode() not in data, f"{value!r} found in {path}"
+    assert checked >= 15
+
+
+def test_no_change_means_nothing_to_do(small_cohort, cohort_run):
+    root, _ = small_cohort
+    work, _ = cohort_run
+    proc = snakemake("--dry-run", "--cores", "2", "--configfile", str(root / "config.yaml"), "--directory", str(work))
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_strict_mode_stops_on_the_bad_patient(small_cohort, tmp_path):
+    root, _ = small_cohort
+    cfg = yaml.safe_load((root / "config.yaml").read_text())
+    cfg["on_patient_error"] = "fail"
+    (tmp_path / "strict.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake("--cores", "2", "--configfile", str(tmp_path / "strict.yaml"), "--directory", str(tmp_path / "w"),
+                     check=False)
+    assert proc.returncode != 0
+    log = (tmp_path / "w" / "results" / "logs" / "ingest_ct" / "p02.log").read_text()
+    assert "slice(s) missing" in log
+    assert not (tmp_path / "w" / "results" / "ct" / "p02").exists()
+
+
+def test_public_demo_runs_end_to_end(tmp_path):
+    """What `make demo` runs: the default config on real public files."""
+    snakemake("--cores", "2", "--configfile", str(REPO / "config.yaml"), "--directory", str(tmp_path))
+    qc = pd.read_csv(tmp_path / "results" / "qc" / "ingest.tsv", sep="\t", keep_default_na=False)
+    assert len(qc) == 4 and (qc.status == "ok").all(), qc
+    ct = sitk.ReadImage(str(tmp_path / "results" / "ct" / "demo01" / "ct.nii.gz"))
+    assert ct.GetSize() == (512, 512, 133)
+    values = phi_values(pydicom.dcmread(pydicom_file("RG1_J2KR.dcm")))
+    for path, data in output_bytes(tmp_path / "results"):
+        for value in values:
+            assert value.encode() not in data, f"{value!r} found in {path}"
