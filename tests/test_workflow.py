@@ -168,3 +168,49 @@ def test_public_demo_runs_end_to_end(tmp_path):
     for path, data in output_bytes(tmp_path / "results"):
         for value in values:
             assert value.encode() not in data, f"{value!r} found in {path}"
+
+
+def _jobs(proc) -> dict[str, int]:
+    """Job counts per rule from a dry run's job-stats table."""
+    counts: dict[str, int] = {}
+    text = proc.stdout + proc.stderr
+    if "Job stats:" not in text:
+        return counts
+    table = text.split("Job stats:", 1)[1].splitlines()[3:]
+    for line in table:
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit() or parts[0] == "total":
+            break
+        counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def test_reruns_touch_only_what_changed(small_cohort, cohort_run, tmp_path):
+    root, _ = small_cohort
+    work, _ = cohort_run
+    data = root / "data"
+    # a new patient: only its per-patient jobs and the aggregate
+    sheet = pd.read_csv(data / "samples.tsv", sep="\t")
+    sitk.WriteImage(make_ct(seed=4), str(data / "p04.nii.gz"))
+    shutil.copy(data / "p02_pa.dcm", data / "p04_pa.dcm")
+    extra = pd.DataFrame([["p04", "pa", "p04_pa.dcm", "p04.nii.gz", None, 0.88, 80, "F"]], columns=sheet.columns)
+    pd.concat([sheet, extra]).to_csv(tmp_path / "samples.tsv", sep="\t", index=False)
+    for name in ("p04.nii.gz", "p04_pa.dcm", "p01_pa.dcm", "p01_small.png", "p02_pa.dcm", "p03_pa.dcm", "p03.nii.gz", "ct"):
+        (tmp_path / name).symlink_to(data / name)
+    cfg = {"cohort": {"source": "sheet", "samples": str(tmp_path / "samples.tsv")}}
+    (tmp_path / "added.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake("--dry-run", "--cores", "2", "--configfile", str(tmp_path / "added.yaml"), "--directory", str(work))
+    assert _jobs(proc) == {"all": 1, "ingest_ct": 1, "ingest_xray": 1, "qc_ingest": 1}, proc.stdout[-2000:]
+    assert "wildcards: patient=p04" in proc.stdout
+    # one radiograph setting: every ingest_xray job and the aggregate, no CT job
+    cfg = yaml.safe_load((root / "config.yaml").read_text())
+    cfg["ingest"] = {"xray": {"apply_voi_lut": True}}
+    (tmp_path / "voi.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake("--dry-run", "--cores", "2", "--configfile", str(tmp_path / "voi.yaml"), "--directory", str(work))
+    assert _jobs(proc) == {"all": 1, "ingest_xray": 3, "qc_ingest": 1}, proc.stdout[-2000:]
+    # a corrected input file of one patient: that patient only (a mere touch is not enough:
+    # Snakemake compares checksums of small inputs)
+    sitk.WriteImage(make_ct(seed=5), str(data / "p03.nii.gz"))
+    proc = snakemake("--dry-run", "--cores", "2", "--configfile", str(root / "config.yaml"), "--directory", str(work))
+    assert _jobs(proc) == {"all": 1, "ingest_ct": 1, "qc_ingest": 1}, proc.stdout[-2000:]
+    assert "wildcards: patient=p03" in proc.stdout

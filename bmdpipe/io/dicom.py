@@ -136,6 +136,17 @@ def has_pixel_data(ds: Dataset) -> bool:
     return any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
 
 
+def require_pixel_data(ds: Dataset, path: str | os.PathLike[str]) -> None:
+    """Raise :class:`InputError` naming the file when ``ds`` has no Pixel Data."""
+    if not has_pixel_data(ds):
+        sop = ds.get("SOPClassUID")
+        kind = f" (SOP Class {sop.name})" if sop is not None else ""
+        raise InputError(
+            f"{describe(path)}: has no {PIXEL_DATA_TAG}{kind}; it is not an image. "
+            "Point the samples sheet at the image file itself"
+        )
+
+
 def decode_pixels(ds: Dataset, path: str | os.PathLike[str]) -> np.ndarray:
     """Decode the stored pixel values, whatever the transfer syntax.
 
@@ -148,13 +159,7 @@ def decode_pixels(ds: Dataset, path: str | os.PathLike[str]) -> np.ndarray:
         InputError: no Pixel Data, or it cannot be decoded (truncated file,
             missing codec).
     """
-    if not has_pixel_data(ds):
-        sop = ds.get("SOPClassUID")
-        kind = f" (SOP Class {sop.name})" if sop is not None else ""
-        raise InputError(
-            f"{describe(path)}: has no {PIXEL_DATA_TAG}{kind}; it is not an image. "
-            "Point the samples sheet at the image file itself"
-        )
+    require_pixel_data(ds, path)
     try:
         return ds.pixel_array
     except Exception as exc:  # pydicom raises many types from its backends

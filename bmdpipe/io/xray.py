@@ -139,11 +139,10 @@ def _spacing_from_dicom(ds: Dataset) -> tuple[tuple[float, float] | None, str | 
 
 def _read_dicom(p: Path, *, apply_voi: bool) -> tuple[np.ndarray, dict[str, Any], Any, float | None]:
     ds = dicom.read_dataset(p)
+    dicom.require_pixel_data(ds, p)
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        if not dicom.has_pixel_data(ds):
-            dicom.decode_pixels(ds, p)  # raises the no-pixel-data error
         raise InputError(
             f"{p}: is a colour image (PhotometricInterpretation (0028,0004) = {photometric or 'missing'}, "
             f"SamplesPerPixel (0028,0002) = {samples}); a radiograph must be grayscale MONOCHROME1 or "
