@@ -21,7 +21,8 @@ $(STAMP): pyproject.toml
 demo: install  ## run the whole pipeline on config.yaml
 	$(BIN)/snakemake --cores $(CORES)
 
-test: install  ## run the test suite
+test: install  ## run the test suite (as root it also installs Debian's SLURM for tests/test_slurm.py)
+	@if [ "$$(id -u)" = 0 ]; then bash tests/slurm/start_local_slurm.sh --install-only; fi
 	$(BIN)/python -m pytest
 
 lint: install  ## snakemake's linter

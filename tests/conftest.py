@@ -52,6 +52,51 @@ def make_ct(size_xyz=(24, 20, 8), spacing=(0.8, 0.9, 2.5), origin=(-10.0, 20.0, 
     return img
 
 
+def build_small_cohort(root: Path) -> Path:
+    """Three patients as a hospital would send them, one bad CT and one bad radiograph among them.
+
+    Writes ``root/data`` (DICOM series with identifying values, real pydicom-data
+    radiographs, a PNG, a NIfTI CT, ``samples.tsv``) and ``root/config.yaml``.
+    p02's CT misses a slice; p03's radiograph is a colour image.
+    """
+    import shutil
+
+    import pandas as pd
+    import pydicom
+    import yaml
+    from PIL import Image
+
+    from bmdpipe.io.dicom_write import write_ct_series, write_radiograph
+
+    data = root / "data"
+    write_ct_series(make_ct(seed=1), data / "ct" / "p01", identity=TEST_IDENTITY)
+    shutil.copy(pydicom_file("RG1_J2KR.dcm"), data / "p01_pa.dcm")
+    rg1 = pydicom.dcmread(pydicom_file("RG1_UNCR.dcm")).pixel_array
+    Image.fromarray(rg1[::4, ::4].astype(np.uint16)).save(data / "p01_small.png")
+
+    files = write_ct_series(make_ct(seed=2), data / "ct" / "p02", identity=TEST_IDENTITY)
+    files[3].unlink()  # a missing slice
+    pixels = (np.arange(80 * 60).reshape(80, 60) % 4000).astype(np.uint16)
+    write_radiograph(pixels, data / "p02_pa.dcm", pixel_spacing_mm=(0.15, 0.15), sdd_mm=1800.0,
+                     identity=TEST_IDENTITY, photometric="MONOCHROME1")
+
+    sitk.WriteImage(make_ct(seed=3), str(data / "p03.nii.gz"))
+    shutil.copy(pydicom_file("SC_rgb.dcm"), data / "p03_pa.dcm")  # a colour image
+
+    sheet = pd.DataFrame(
+        [
+            ["p01", "pa", "p01_pa.dcm", "ct/p01", 0.2, 0.91, 66, "F"],
+            ["p01", "small", "p01_small.png", "ct/p01", 0.8, 0.91, 66, "F"],
+            ["p02", "pa", "p02_pa.dcm", "ct/p02", None, 0.74, 71, "M"],
+            ["p03", "pa", "p03_pa.dcm", "p03.nii.gz", 0.2, 1.05, 58, "F"],
+        ],
+        columns=["patient_id", "view", "xray", "ct", "xray_pixel_spacing_mm", "dxa_L1", "age", "sex"],
+    )
+    sheet.to_csv(data / "samples.tsv", sep="\t", index=False)
+    (root / "config.yaml").write_text(yaml.safe_dump({"cohort": {"source": "sheet", "samples": str(data / "samples.tsv")}}))
+    return root
+
+
 def output_bytes(folder: Path):
     """(path, bytes) of every file under ``folder`` that can hold text.
 

@@ -6,17 +6,13 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pandas as pd
 import pydicom
 import pytest
 import SimpleITK as sitk
 import yaml
-from PIL import Image
 
-from bmdpipe.io.dicom_write import write_ct_series, write_radiograph
-
-from conftest import REPO, TEST_IDENTITY, make_ct, output_bytes, phi_values, pydicom_file
+from conftest import REPO, build_small_cohort, make_ct, output_bytes, phi_values, pydicom_file
 
 
 def snakemake(*args, cwd=REPO, check=True):
@@ -51,35 +47,9 @@ def test_config_is_validated_by_schema(tmp_path):
 
 @pytest.fixture(scope="module")
 def small_cohort(tmp_path_factory):
-    """Three patients as a hospital would send them, one bad CT and one bad radiograph among them."""
-    root = tmp_path_factory.mktemp("cohort")
+    """The three-patient cohort of conftest.build_small_cohort and the DICOM datasets given to the pipeline."""
+    root = build_small_cohort(tmp_path_factory.mktemp("cohort"))
     data = root / "data"
-    write_ct_series(make_ct(seed=1), data / "ct" / "p01", identity=TEST_IDENTITY)
-    shutil.copy(pydicom_file("RG1_J2KR.dcm"), data / "p01_pa.dcm")
-    rg1 = pydicom.dcmread(pydicom_file("RG1_UNCR.dcm")).pixel_array
-    Image.fromarray(rg1[::4, ::4].astype(np.uint16)).save(data / "p01_small.png")
-
-    files = write_ct_series(make_ct(seed=2), data / "ct" / "p02", identity=TEST_IDENTITY)
-    files[3].unlink()  # a missing slice
-    pixels = (np.arange(80 * 60).reshape(80, 60) % 4000).astype(np.uint16)
-    write_radiograph(pixels, data / "p02_pa.dcm", pixel_spacing_mm=(0.15, 0.15), sdd_mm=1800.0,
-                     identity=TEST_IDENTITY, photometric="MONOCHROME1")
-
-    sitk.WriteImage(make_ct(seed=3), str(data / "p03.nii.gz"))
-    shutil.copy(pydicom_file("SC_rgb.dcm"), data / "p03_pa.dcm")  # a colour image
-
-    sheet = pd.DataFrame(
-        [
-            ["p01", "pa", "p01_pa.dcm", "ct/p01", 0.2, 0.91, 66, "F"],
-            ["p01", "small", "p01_small.png", "ct/p01", 0.8, 0.91, 66, "F"],
-            ["p02", "pa", "p02_pa.dcm", "ct/p02", None, 0.74, 71, "M"],
-            ["p03", "pa", "p03_pa.dcm", "p03.nii.gz", 0.2, 1.05, 58, "F"],
-        ],
-        columns=["patient_id", "view", "xray", "ct", "xray_pixel_spacing_mm", "dxa_L1", "age", "sex"],
-    )
-    sheet.to_csv(data / "samples.tsv", sep="\t", index=False)
-    config = {"cohort": {"source": "sheet", "samples": str(data / "samples.tsv")}}
-    (root / "config.yaml").write_text(yaml.safe_dump(config))
     inputs = [pydicom.dcmread(f) for f in (data / "ct" / "p01").iterdir()]
     inputs += [pydicom.dcmread(data / n) for n in ("p01_pa.dcm", "p02_pa.dcm", "p03_pa.dcm")]
     return root, inputs
