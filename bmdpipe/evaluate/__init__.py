@@ -1,0 +1,1 @@
+"""Evaluation: agreement and screening metrics with bootstrap confidence intervals."""
