@@ -26,54 +26,19 @@ import torch
 import torch.nn.functional as F
 from cmaes import CMA
 
-from bmdpipe.drr import Camera, Pose, auto_n_samples, downsample_for_detector, project_points, render, volume_from_sitk
+from bmdpipe.drr import (
+    Camera,
+    Pose,
+    auto_n_samples,
+    downsample_for_detector,
+    project_points,
+    render,
+    volume_from_sitk,
+)
+from bmdpipe.similarity import gradient_correlation, ncc
 
 #: Bump when a change to this stage changes its outputs (the rule re-runs).
 STAGE_VERSION = "1"
-
-
-# --- similarity -----------------------------------------------------------------
-
-
-def _standardize(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    flat = x.flatten(1)
-    flat = flat - flat.mean(dim=1, keepdim=True)
-    return flat / (flat.norm(dim=1, keepdim=True) + eps)
-
-
-def ncc(moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-    """Normalized cross-correlation.
-
-    Args:
-        moving: ``(B, 1, H, W)``.
-        fixed: ``(1, 1, H, W)`` or ``(B, 1, H, W)``.
-
-    Returns:
-        ``(B,)`` in [-1, 1].
-    """
-    return (_standardize(moving) * _standardize(fixed.expand_as(moving))).sum(dim=1)
-
-
-def image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Central-difference gradients along columns (x) and rows (y) of ``(B, 1, H, W)``; each ``(B, 1, H-2, W-2)``."""
-    gx = (x[..., 1:-1, 2:] - x[..., 1:-1, :-2]) / 2
-    gy = (x[..., 2:, 1:-1] - x[..., :-2, 1:-1]) / 2
-    return gx, gy
-
-
-def gradient_correlation(moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-    """Gradient correlation (seed 004 Eq. 6 divided by 2): mean of the NCCs of the x and y gradients.
-
-    Args:
-        moving: ``(B, 1, H, W)``.
-        fixed: ``(1, 1, H, W)`` or ``(B, 1, H, W)``.
-
-    Returns:
-        ``(B,)`` in [-1, 1].
-    """
-    mx, my = image_gradients(moving)
-    fx, fy = image_gradients(fixed)
-    return 0.5 * (ncc(mx, fx) + ncc(my, fy))
 
 
 SIMILARITIES = {"gc": gradient_correlation, "ncc": ncc}

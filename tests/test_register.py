@@ -11,11 +11,10 @@ from bmdpipe.drr import Camera, Pose, render, volume_from_sitk, world_ras_from_l
 from bmdpipe.register import (
     Level,
     RegistrationSettings,
-    gradient_correlation,
     mean_projection_distance,
-    ncc,
     register,
 )
+from bmdpipe.similarity import gradient_correlation, ncc
 
 
 def test_similarities_are_one_for_the_same_image_and_ignore_affine_intensity():

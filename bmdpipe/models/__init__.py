@@ -1,0 +1,1 @@
+"""Models without I/O: small torch modules that compose (generator = encoder + decoder)."""
