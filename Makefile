@@ -15,6 +15,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --editable '.[test]'
+	$(BIN)/python -m pip install --quiet --no-deps diffdrr==0.6.1  # test reference renderer; see pyproject
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

@@ -66,6 +66,6 @@ def test_gan_step_reduces_the_generator_loss(generator):
         opt_g.zero_grad()
         parts["total"].backward()
         opt_g.step()
-        first = first or (float(parts["l1"]), float(parts["gc"]))
+        first = first or (parts["l1"].item(), parts["gc"].item())
     assert float(parts["l1"]) < 0.5 * first[0]
     assert float(parts["gc"]) < first[1]
