@@ -1,0 +1,114 @@
+"""Seed 000's models (Wang et al., lumbar BMD from chest radiographs), all on a shared VGG16 extractor.
+
+* :class:`BaseModel`: the whole image → VGG16 → global average pooling → 2-layer regressor.
+* :class:`MultiInput` with ``attentive=False``: N inputs (3×3 patches, or 14 ROIs
+  + the whole image) → shared VGG16 → concatenated features → regressor
+  (MultiPatch, MultiROI).
+* :class:`MultiInput` with ``attentive=True``: the same features with learned
+  position embeddings and a learnable BMD token → transformer encoder (6
+  layers) → the *mean* of the output embeddings → global regressor; one local
+  regressor per input, used in the training loss only (AttMultiPatch,
+  AttMultiROI, the proposed model).
+
+Inputs: ``(B, N, 1, S, S)`` crops (S = 256 in the paper); outputs ``(B, K)`` BMD
+values; attentive models also return the local predictions ``(B, N, K)``.
+
+Where the paper is inconsistent: it states D = 512 (the VGG16 width) and
+k = 6 heads, but 512 is not divisible by 6; ``heads = 8`` is used (64 per
+head). Its Eq. 4 averages the adjusted embeddings, including the BMD token,
+which is what :meth:`MultiInput.forward` does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+VGG_WIDTH = 512
+
+
+def vgg16_features(in_channels: int = 1) -> nn.Module:
+    """torchvision's VGG16 convolutional part, no pretrained weights, first layer for ``in_channels``.
+
+    Shapes:
+        ``(B, in_channels, S, S)`` → ``(B, 512)`` after global average pooling.
+    """
+    from torchvision.models import vgg16
+
+    features = vgg16(weights=None).features
+    first = features[0]
+    features[0] = nn.Conv2d(in_channels, first.out_channels, first.kernel_size, first.stride, first.padding)
+    return nn.Sequential(features, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def regressor(in_features: int, n_outputs: int, hidden: int = 256) -> nn.Module:
+    """Two linear layers with ReLU (seed 000 §III-D)."""
+    return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, n_outputs))
+
+
+class BaseModel(nn.Module):
+    """Whole image → BMD. Shapes: ``(B, 1, S, S)`` → ``(B, K)``."""
+
+    def __init__(self, n_outputs: int = 1) -> None:
+        super().__init__()
+        self.features = vgg16_features()
+        self.regressor = regressor(VGG_WIDTH, n_outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.regressor(self.features(x))
+
+
+class MultiInput(nn.Module):
+    """MultiPatch / MultiROI (plain concatenation) and their attentive variants.
+
+    Args:
+        n_inputs: 9 (3×3 patches) or 15 (14 ROIs + whole image).
+        attentive: transformer fusion with a BMD token instead of concatenation.
+        layers, heads: transformer encoder size (6 layers; 8 heads, see module docstring).
+        feedforward: MLP width; 256 gives the paper's 7.9M encoder parameters (§IV-A).
+    """
+
+    def __init__(self, n_inputs: int, n_outputs: int = 1, *, attentive: bool, layers: int = 6, heads: int = 8,
+                 feedforward: int = 256) -> None:
+        super().__init__()
+        self.attentive = attentive
+        self.features = vgg16_features()
+        if attentive:
+            self.bmd_token = nn.Parameter(torch.zeros(1, 1, VGG_WIDTH))
+            self.pos_embed = nn.Parameter(torch.randn(1, n_inputs + 1, VGG_WIDTH) * 0.02)
+            layer = nn.TransformerEncoderLayer(VGG_WIDTH, heads, dim_feedforward=feedforward, activation="gelu",
+                                               batch_first=True, norm_first=True)
+            self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+            self.regressor = regressor(VGG_WIDTH, n_outputs)
+            self.local_regressors = nn.ModuleList(regressor(VGG_WIDTH, n_outputs) for _ in range(n_inputs))
+        else:
+            self.regressor = regressor(VGG_WIDTH * n_inputs, n_outputs)
+
+    def forward(self, crops: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        b, n = crops.shape[:2]
+        f = self.features(crops.flatten(0, 1)).view(b, n, VGG_WIDTH)
+        if not self.attentive:
+            return self.regressor(f.flatten(1))
+        z = torch.cat([self.bmd_token.expand(b, -1, -1), f], dim=1) + self.pos_embed
+        z = self.encoder(z)
+        global_pred = self.regressor(z.mean(dim=1))
+        local = torch.stack([reg(f[:, i]) for i, reg in enumerate(self.local_regressors)], dim=1)
+        return global_pred, local
+
+
+def split_patches(image: torch.Tensor, n: int = 3, size: int | None = None) -> torch.Tensor:
+    """``(B, 1, H, W)`` → ``(B, n·n, 1, size, size)``: non-overlapping n×n patches, each resized to ``size``."""
+    b, c, h, w = image.shape
+    ph, pw = h // n, w // n
+    patches = image[:, :, : ph * n, : pw * n].unfold(2, ph, ph).unfold(3, pw, pw)  # B C n n ph pw
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(b * n * n, c, ph, pw)
+    if size is not None:
+        patches = F.interpolate(patches, size=(size, size), mode="bilinear", align_corners=False)
+    return patches.view(b, n * n, c, *patches.shape[-2:])
+
+
+def multiroi_loss(global_pred: torch.Tensor, local_pred: torch.Tensor, target: torch.Tensor,
+                  local_weight: float = 1.0) -> torch.Tensor:
+    """L2 on the global prediction plus the mean L2 of the local ones (seed 000 §III-D; training only)."""
+    return F.mse_loss(global_pred, target) + local_weight * F.mse_loss(local_pred, target[:, None].expand_as(local_pred))

@@ -1,0 +1,35 @@
+"""Seed 000's model family: shapes, parameter counts against the paper, patches, the joint loss."""
+
+from __future__ import annotations
+
+import torch
+
+from bmdpipe.models.multiroi import BaseModel, MultiInput, multiroi_loss, split_patches
+
+
+def _count(module: torch.nn.Module) -> float:
+    return sum(p.numel() for p in module.parameters()) / 1e6
+
+
+def test_shapes_and_sizes_like_the_paper():
+    crops = torch.randn(2, 15, 1, 64, 64)
+    att = MultiInput(15, n_outputs=4, attentive=True)
+    global_pred, local = att(crops)
+    assert global_pred.shape == (2, 4) and local.shape == (2, 15, 4)
+    # paper: VGG16 extractor 14.8M, transformer encoder 7.9M parameters (seed 000 §IV-A)
+    assert abs(_count(att.features) - 14.7) < 0.2
+    assert abs(_count(att.encoder) - 7.9) < 0.1
+    assert abs(_count(att.local_regressors) - 2.1) < 0.15 and abs(_count(att.regressor) - 0.13) < 0.01
+    plain = MultiInput(15, n_outputs=4, attentive=False)
+    assert plain(crops).shape == (2, 4)
+    assert BaseModel(n_outputs=4)(torch.randn(2, 1, 64, 64)).shape == (2, 4)
+
+
+def test_split_patches_and_loss():
+    img = torch.arange(2 * 1 * 9 * 9, dtype=torch.float32).view(2, 1, 9, 9)
+    patches = split_patches(img, 3)
+    assert patches.shape == (2, 9, 1, 3, 3)
+    torch.testing.assert_close(patches[0, 4, 0], img[0, 0, 3:6, 3:6])
+    assert split_patches(img, 3, size=8).shape == (2, 9, 1, 8, 8)
+    target = torch.tensor([[1.0], [2.0]])
+    assert float(multiroi_loss(target, target[:, None].expand(2, 15, 1), target)) == 0.0
