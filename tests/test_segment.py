@@ -7,7 +7,12 @@ import pytest
 import SimpleITK as sitk
 
 from bmdpipe.errors import InputError
-from bmdpipe.segment import BONE_LABELS, labels_from_map, read_label_table, threshold_bone
+from bmdpipe.segment import (
+    BONE_LABELS,
+    labels_from_map,
+    read_label_table,
+    threshold_bone,
+)
 
 
 @pytest.fixture(scope="module")

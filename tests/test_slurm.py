@@ -29,8 +29,6 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 import yaml
-
-
 from conftest import REPO, build_small_cohort
 
 pytestmark = pytest.mark.slow

@@ -9,14 +9,13 @@ import numpy as np
 import pydicom
 import pytest
 import tifffile
+from conftest import pydicom_file
 from PIL import Image
 
 from bmdpipe.cli import main as cli
 from bmdpipe.errors import InputError
 from bmdpipe.io import dicom
 from bmdpipe.io.xray import ingest_xray, load_xray, read_xray
-
-from conftest import pydicom_file
 
 
 def test_rg1_uncompressed_and_jpeg2000_ingest_to_identical_pixels(tmp_path):

@@ -17,7 +17,16 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import TensorDataset
 
-from bmdpipe.train.loop import TrainConfig, TrainState, fit, is_main, seed_everything, setup_device, unwrap, wrap_ddp
+from bmdpipe.train.loop import (
+    TrainConfig,
+    TrainState,
+    fit,
+    is_main,
+    seed_everything,
+    setup_device,
+    unwrap,
+    wrap_ddp,
+)
 
 
 def main() -> None:
