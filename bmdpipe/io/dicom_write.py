@@ -12,12 +12,17 @@ from __future__ import annotations
 import datetime as _dt
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    CTImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
 from pydicom.valuerep import DS
 
 from bmdpipe.io.atomic import atomic_dir, atomic_path
@@ -27,10 +32,11 @@ def _ds(value: float) -> DS:
     return DS(float(value), auto_format=True)
 
 
-def _base(sop_class: str, identity: dict[str, str], study_uid: str, series_uid: str, for_uid: str) -> Dataset:
+def _base(sop_class: str, identity: dict[str, str], study_uid: str, series_uid: str, for_uid: str,
+          sop_uid: str) -> Dataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
@@ -48,6 +54,12 @@ def _base(sop_class: str, identity: dict[str, str], study_uid: str, series_uid: 
     return ds
 
 
+def seeded_uids(namespace: str) -> Callable[[], str]:
+    """A UID maker whose n-th UID depends only on ``namespace`` and n (reproducible files)."""
+    counter = iter(range(10**12))
+    return lambda: generate_uid(entropy_srcs=[namespace, str(next(counter))])
+
+
 def write_ct_series(
     image: sitk.Image,
     folder: str | os.PathLike[str],
@@ -59,6 +71,7 @@ def write_ct_series(
     manufacturer: str = "bmdpipe",
     series_uid: str | None = None,
     study_uid: str | None = None,
+    uid: Callable[[], str] = generate_uid,
 ) -> list[Path]:
     """Write a 3-D HU volume as a DICOM CT series, one file per slice.
 
@@ -69,14 +82,16 @@ def write_ct_series(
         folder: destination folder, written atomically (all slices or none).
         identity: identifying attributes to store (PatientName, PatientID,
             InstitutionName, ...): test data only.
+        uid: makes each new UID (default random); a seeded one makes the
+            files reproducible byte for byte.
 
     Returns:
         The slice files, in slice order.
     """
     identity = dict(identity or {})
-    study_uid = study_uid or generate_uid()
-    series_uid = series_uid or generate_uid()
-    for_uid = generate_uid()
+    study_uid = study_uid or uid()
+    series_uid = series_uid or uid()
+    for_uid = uid()
     arr = sitk.GetArrayFromImage(image)  # (slices, rows, cols)
     hu = np.clip(np.rint(arr), -32768, 32767).astype(np.int16)
     direction = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
@@ -86,7 +101,7 @@ def write_ct_series(
     files: list[Path] = []
     with atomic_dir(folder) as tmp:
         for k in range(hu.shape[0]):
-            ds = _base(CTImageStorage, identity, study_uid, series_uid, for_uid)
+            ds = _base(CTImageStorage, identity, study_uid, series_uid, for_uid, uid())
             ds.Modality = "CT"
             ds.Manufacturer = manufacturer
             ds.SeriesDescription = series_description
@@ -129,6 +144,7 @@ def write_radiograph(
     kvp: float | None = None,
     view_position: str = "PA",
     extra: dict[str, Any] | None = None,
+    uid: Callable[[], str] = generate_uid,
 ) -> None:
     """Write a ``(rows, cols)`` unsigned-integer image as a DX DICOM file, atomically.
 
@@ -139,13 +155,14 @@ def write_radiograph(
         sdd_mm, sid_mm: DistanceSourceToDetector and DistanceSourceToPatient.
         photometric: MONOCHROME1 or MONOCHROME2; the caller inverts values.
         extra: further attributes by keyword.
+        uid: makes each new UID (see :func:`write_ct_series`).
     """
     arr = np.asarray(pixels)
     if arr.ndim != 2:
         raise ValueError(f"pixels must be (rows, cols), got {arr.shape}")
     if arr.min() < 0 or arr.max() >= 2**bits_stored:
         raise ValueError(f"pixels must lie in [0, {2**bits_stored}) for BitsStored {bits_stored}")
-    ds = _base(DigitalXRayImageStorageForPresentation, dict(identity or {}), generate_uid(), generate_uid(), generate_uid())
+    ds = _base(DigitalXRayImageStorageForPresentation, dict(identity or {}), uid(), uid(), uid(), uid())
     ds.Modality = "DX"
     ds.PresentationIntentType = "FOR PRESENTATION"
     ds.ImageType = ["ORIGINAL", "PRIMARY"]

