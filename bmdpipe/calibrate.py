@@ -81,6 +81,9 @@ class Calibration:
         rods: per rod: density, mean and spread of HU, voxels, centre (mm,
             LPS), residual, used or why not.
         match: template correlation of the detected phantom.
+        reference_hu, effective_energy_kev, fit_rms_hu: phantomless only:
+            measured air/fat/muscle HU, the fitted effective energy and the
+            RMS misfit of the tissues.
     """
 
     method: str
@@ -89,6 +92,9 @@ class Calibration:
     r2: float
     rods: list[dict[str, Any]] = field(default_factory=list)
     match: float | None = None
+    reference_hu: dict[str, float] | None = None
+    effective_energy_kev: float | None = None
+    fit_rms_hu: float | None = None
 
     def to_density(self, hu: np.ndarray) -> np.ndarray:
         """mg/cm³ HA from HU (any shape)."""
@@ -308,6 +314,82 @@ def _robust_fit(rods: list[dict[str, Any]], spec: PhantomSpec) -> tuple[float, f
         if k not in subset:
             rod.update(used=False, why=f"outlier (mean {rod['mean_hu']:.1f} HU does not fit the others: rod missing or damaged)")
     return fit
+
+
+# --- phantomless (internal) calibration ------------------------------------------
+
+#: HU windows where the reference tissues are looked for (SIMULATOR.md §1.1 table: adipose −99…−69,
+#: muscle 42…45 HU over 55–80 keV), and the effective energies searched, keV.
+AIR_WINDOW_HU = (-1100.0, -900.0)
+FAT_WINDOW_HU = (-190.0, -30.0)
+MUSCLE_WINDOW_HU = (0.0, 100.0)
+ENERGY_GRID_KEV = np.arange(40.0, 120.01, 0.25)
+
+
+def _mode(values: np.ndarray, window: tuple[float, float], bin_hu: float = 2.0) -> float:
+    """Most frequent value of ``values`` inside ``window`` (histogram peak, smoothed)."""
+    from scipy.ndimage import gaussian_filter1d
+
+    v = values[(values >= window[0]) & (values <= window[1])]
+    if v.size < 100:
+        return float("nan")
+    hist, edges = np.histogram(v, bins=np.arange(window[0], window[1] + bin_hu, bin_hu))
+    k = int(np.argmax(gaussian_filter1d(hist.astype(np.float64), 2.0)))
+    return float((edges[k] + edges[k + 1]) / 2)
+
+
+def reference_tissues(hu: sitk.Image) -> dict[str, float]:
+    """Measured HU of air (outside the body), subcutaneous-like fat and muscle (inside), by histogram peaks."""
+    from scipy import ndimage
+
+    arr = sitk.GetArrayViewFromImage(hu).astype(np.float32)
+    body = arr > -500
+    lab, n = ndimage.label(body)
+    if n == 0:
+        raise InputError("phantomless calibration: no body found (no voxel above −500 HU)")
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    body = lab == int(np.argmax(sizes))
+    for z in range(body.shape[0]):
+        body[z] = ndimage.binary_fill_holes(body[z])
+    inner = ndimage.binary_erosion(body, iterations=2)
+    return {
+        "air": _mode(arr[~body], AIR_WINDOW_HU),
+        "adipose": _mode(arr[inner], FAT_WINDOW_HU),
+        "muscle": _mode(arr[inner], MUSCLE_WINDOW_HU),
+    }
+
+
+def calibrate_phantomless(hu: sitk.Image) -> Calibration:
+    """Internal calibration from air, fat and muscle (SIMULATOR.md §1.2, after Michalski et al. 2020).
+
+    The effective energy E of the scan is the one whose tabulated HU of air,
+    adipose and muscle (ICRU 44/46 compositions, xraydb) best match the
+    measured ones after a common offset (the scanner's water offset); then
+    HU = offset + b(E)·ρ with b(E) for HA in water (SIMULATOR.md §1.1).
+
+    Raises:
+        InputError: fat or muscle cannot be measured.
+    """
+    from bmdpipe import physics
+
+    ref = reference_tissues(hu)
+    if not (np.isfinite(ref["adipose"]) and np.isfinite(ref["muscle"])):
+        raise InputError(f"phantomless calibration: fat or muscle not found in the CT (measured {ref}); "
+                         "is it a body CT in HU?")
+    names = [k for k in ("air", "adipose", "muscle") if np.isfinite(ref[k])]
+    measured = np.array([ref[k] for k in names])
+    best = (np.inf, 0.0, 0.0)
+    for e in ENERGY_GRID_KEV:
+        theory = np.array([-1000.0 if k == "air" else physics.tissue_hu(k, float(e)) for k in names])
+        offset = float(np.mean(measured - theory))
+        sse = float(((measured - theory - offset) ** 2).sum())
+        if sse < best[0]:
+            best = (sse, float(e), offset)
+    sse, e_eff, offset = best
+    slope = physics.ha_slope(e_eff)
+    return Calibration("phantomless", float(slope), float(offset), float("nan"), reference_hu=ref,
+                       effective_energy_kev=e_eff, fit_rms_hu=math.sqrt(sse / len(names)))
 
 
 def apply_calibration(hu: sitk.Image, calibration: Calibration) -> sitk.Image:

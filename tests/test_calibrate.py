@@ -76,3 +76,27 @@ def test_too_few_rods_and_no_phantom_are_errors():
         fit_phantom(phantom_ct(with_phantom=False))
     with pytest.raises(InputError, match=r"(no calibration phantom found|outside the plausible range|fewer than 3 rods agree)"):
         fit_phantom(phantom_ct(with_phantom=False), PhantomSpec(min_match=0.2))
+
+
+@pytest.mark.parametrize("energy", [58.0, 68.0, 78.0])
+def test_phantomless_calibration_recovers_the_scanner_energy(energy):
+    """Air, fat and muscle at the HU of energy E (xraydb tables): the fitted slope is b(E)."""
+    from bmdpipe import physics
+    from bmdpipe.calibrate import calibrate_phantomless
+
+    rng = np.random.default_rng(int(energy))
+    offset = 5.0  # a scanner whose water reads +5 HU
+    ny, nx = 200, 240
+    y, x = np.mgrid[:ny, :nx].astype(np.float64)
+    r = np.hypot((x - nx / 2) / 100, (y - ny / 2) / 80)
+    hu = np.full((ny, nx), -1000.0)
+    hu[r <= 1.0] = physics.tissue_hu("adipose", energy)  # subcutaneous fat
+    hu[r <= 0.8] = physics.tissue_hu("muscle", energy)
+    hu[np.hypot(x - nx / 2, y - ny / 2 - 30) < 12] = 400.0  # bone
+    vol = np.repeat(hu[None], 6, axis=0) + offset + rng.normal(0, 10.0, (6, ny, nx))
+    img = sitk.GetImageFromArray(vol.astype(np.float32))
+    cal = calibrate_phantomless(img)
+    assert cal.method == "phantomless"
+    assert cal.effective_energy_kev == pytest.approx(energy, abs=3.0)
+    assert cal.slope_hu_per_mg_cm3 == pytest.approx(physics.ha_slope(energy), rel=0.05)
+    assert cal.intercept_hu == pytest.approx(offset, abs=3.0)
