@@ -17,12 +17,17 @@ COHORT = config["cohort"]
 
 
 def load_cohort():
-    """The validated samples table; for the public demo, the sheet the rule demo_cohort writes."""
+    """The validated samples table; for cohorts the workflow writes, the sheet their rule will write."""
+    root = Path(COHORT["samples"]).parent
     if COHORT["source"] == "public_demo":
-        root = Path(COHORT["samples"]).parent
-        table = datasets.public_demo_sheet(root).astype(str)
-        return sample_sheet.validate_samples(table, COHORT["samples"], check_paths=False)
-    return sample_sheet.load_samples(COHORT["samples"])
+        table = datasets.public_demo_sheet(root)
+    elif COHORT["source"] == "simulate":
+        from bmdpipe import simulate
+
+        table = simulate.expected_sheet(root, COHORT["simulate"])
+    else:
+        return sample_sheet.load_samples(COHORT["samples"])
+    return sample_sheet.validate_samples(table.astype(str).replace("nan", ""), COHORT["samples"], check_paths=False)
 
 
 SAMPLES = load_cohort()
@@ -70,6 +75,18 @@ def get_xray_rows(wildcards):
         }
         for _, row in patient_rows(wildcards).iterrows()
     ]
+
+
+def written_by_cohort_rule():
+    """Files a cohort-writing step makes that the sheet names: CT series folders, radiographs, label maps."""
+    files = {"cts": [], "files": []}
+    for ct in SAMPLES.ct.unique():
+        (files["files"] if ct.endswith((".nii", ".nii.gz")) else files["cts"]).append(ct)
+    files["files"] += list(SAMPLES.xray)
+    for col in ("ct_labels", "label_table"):
+        if col in SAMPLES:
+            files["files"] += [p for p in SAMPLES[col].dropna().unique() if p]
+    return files
 
 
 def get_final_output():

@@ -7,11 +7,8 @@ if COHORT["source"] == "public_demo":
     rule demo_cohort:
         output:
             sheet=COHORT["samples"],
-            cts=[
-                directory(p) if not p.endswith((".nii", ".nii.gz")) else p
-                for p in SAMPLES.ct.unique()
-            ],
-            xrays=list(SAMPLES.xray),
+            cts=[directory(p) for p in written_by_cohort_rule()["cts"]],
+            files=written_by_cohort_rule()["files"],
         params:
             cache=COHORT["cache_dir"],
         log:
@@ -25,3 +22,29 @@ if COHORT["source"] == "public_demo":
             "../envs/bmdpipe.yaml"
         script:
             "../workflow_scripts/demo_cohort.py"
+
+
+if COHORT["source"] == "simulate":
+    from bmdpipe.simulate.cohort import SIMULATOR_VERSION
+
+    rule simulate_cohort:
+        output:
+            sheet=COHORT["samples"],
+            cts=[directory(p) for p in written_by_cohort_rule()["cts"]],
+            files=written_by_cohort_rule()["files"],
+            truth=directory(str(Path(COHORT["samples"]).parent / "truth")),
+        params:
+            simulate=COHORT["simulate"],
+            cache=COHORT["cache_dir"],
+            code_version=SIMULATOR_VERSION,
+        log:
+            "results/logs/simulate_cohort.log",
+        benchmark:
+            "results/benchmarks/simulate_cohort.tsv"
+        threads: 1
+        resources:
+            mem_mb=6000,
+        conda:
+            "../envs/bmdpipe.yaml"
+        script:
+            "../workflow_scripts/simulate_cohort.py"

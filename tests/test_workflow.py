@@ -11,8 +11,14 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 import yaml
-
-from conftest import REPO, build_small_cohort, make_ct, output_bytes, phi_values, pydicom_file
+from conftest import (
+    REPO,
+    build_small_cohort,
+    make_ct,
+    output_bytes,
+    phi_values,
+    pydicom_file,
+)
 
 
 def snakemake(*args, cwd=REPO, check=True):
@@ -32,7 +38,7 @@ def test_lint_is_clean():
 def test_dry_run_of_config_yaml_resolves_the_chain(tmp_path):
     proc = snakemake("--dry-run", "--configfile", str(REPO / "config.yaml"), "--directory", str(tmp_path), "--cores", "2")
     out = proc.stdout + proc.stderr
-    for rule in ("demo_cohort", "ingest_ct", "ingest_xray", "qc_ingest", "all"):
+    for rule in ("simulate_cohort", "ingest_ct", "ingest_xray", "qc_ingest", "all"):
         assert f"\n{rule} " in out or f"rule {rule}:" in out, f"{rule} missing from the dry run:\n{out[-3000:]}"
 
 
@@ -127,9 +133,25 @@ def test_strict_mode_stops_on_the_bad_patient(small_cohort, tmp_path):
     assert not (tmp_path / "w" / "results" / "ct" / "p02").exists()
 
 
+def test_virtual_cohort_runs_end_to_end(tmp_path):
+    """The default data source, at two patients: simulated DICOM ingested like a hospital's."""
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    cfg["cohort"]["simulate"]["n_patients"] = 2
+    (tmp_path / "small.yaml").write_text(yaml.safe_dump(cfg))
+    snakemake("--cores", "2", "--configfile", str(tmp_path / "small.yaml"), "--directory", str(tmp_path))
+    qc = pd.read_csv(tmp_path / "results" / "qc" / "ingest.tsv", sep="\t", keep_default_na=False)
+    assert len(qc) == 2 * (1 + len(cfg["cohort"]["simulate"]["views"])) and (qc.status == "ok").all(), qc
+    sheet = pd.read_csv(tmp_path / "resources" / "virtual_cohort" / "samples.tsv", sep="\t")
+    assert {"dxa_L1", "qct_L1", "age", "sex"} <= set(sheet.columns)
+    assert (tmp_path / "resources" / "virtual_cohort" / "truth" / "sim000.json").exists()
+    proc = snakemake("--dry-run", "--cores", "2", "--configfile", str(tmp_path / "small.yaml"), "--directory",
+                     str(tmp_path))
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
 def test_public_demo_runs_end_to_end(tmp_path):
-    """What `make demo` runs: the default config on real public files."""
-    snakemake("--cores", "2", "--configfile", str(REPO / "config.yaml"), "--directory", str(tmp_path))
+    """configs/public_demo.yaml: the workflow on real public files nobody here made."""
+    snakemake("--cores", "2", "--configfile", str(REPO / "configs" / "public_demo.yaml"), "--directory", str(tmp_path))
     qc = pd.read_csv(tmp_path / "results" / "qc" / "ingest.tsv", sep="\t", keep_default_na=False)
     assert len(qc) == 4 and (qc.status == "ok").all(), qc
     ct = sitk.ReadImage(str(tmp_path / "results" / "ct" / "demo01" / "ct.nii.gz"))
