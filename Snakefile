@@ -11,6 +11,7 @@ configfile: "config.yaml"
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/ingest.smk"
+include: "rules/calibrate.smk"
 include: "rules/qc.smk"
 
 

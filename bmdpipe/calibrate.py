@@ -21,6 +21,7 @@ Fewer than ``min_rods`` usable rods, no phantom, or R² below ``min_r2`` is an
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -405,3 +406,84 @@ def slice_range_of(labels: sitk.Image, values: Sequence[int]) -> tuple[int, int]
     zs = np.flatnonzero(np.isin(arr, list(values)).any(axis=(1, 2)))
     return (int(zs[0]), int(zs[-1]) + 1) if zs.size else None
 
+
+
+METHODS = ("phantom", "phantomless", "auto")
+
+
+def calibrate(hu: sitk.Image, method: str = "phantom", spec: PhantomSpec = PhantomSpec(), *,
+              z_range: tuple[int, int] | None = None) -> Calibration:
+    """Calibrate a CT by ``method``: ``phantom`` (required), ``phantomless``, or ``auto`` (phantom if found)."""
+    if method not in METHODS:
+        raise InputError(f"calibration method {method!r} is not one of {METHODS}")
+    if method == "phantomless":
+        return calibrate_phantomless(hu)
+    try:
+        return fit_phantom(hu, spec, z_range=z_range)
+    except InputError as exc:
+        if method == "phantom":
+            raise InputError(f"{exc} (calibration method 'phantom' requires a phantom; set calibrate.method to "
+                             "'auto' or 'phantomless', or the sheet column 'calibration' for this patient)") from None
+        cal = calibrate_phantomless(hu)
+        cal.rods = []
+        return cal
+
+
+def qc_figure(hu: sitk.Image, cal: Calibration, path: str | os.PathLike[str]) -> None:
+    """PNG for the report: the z-averaged CT with the rods found, and the fit (or the reference tissues)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bmdpipe.io.atomic import atomic_path
+
+    arr = sitk.GetArrayViewFromImage(hu)
+    fig, (a0, a1) = plt.subplots(1, 2, figsize=(9, 3.6))
+    a0.imshow(arr.mean(axis=0), cmap="gray", vmin=-300, vmax=500)
+    a0.set_axis_off()
+    for rod in cal.rods:
+        idx = hu.TransformPhysicalPointToContinuousIndex(rod["centre_lps_mm"])
+        a0.add_patch(plt.Circle((idx[0], idx[1]), 9, fill=False, color="lime" if rod["used"] else "red", lw=1))
+    if cal.rods:
+        used = [r for r in cal.rods if "mean_hu" in r]
+        a1.scatter([r["density_mg_cm3"] for r in used], [r["mean_hu"] for r in used],
+                   c=["tab:green" if r["used"] else "tab:red" for r in used])
+        rho = np.linspace(0, max(r["density_mg_cm3"] for r in cal.rods), 10)
+        a1.plot(rho, cal.intercept_hu + cal.slope_hu_per_mg_cm3 * rho, "k-", lw=1)
+        a1.set_xlabel("rod density (mg/cm³ HA)")
+        a1.set_ylabel("mean HU")
+        a1.set_title(f"HU = {cal.intercept_hu:.1f} + {cal.slope_hu_per_mg_cm3:.3f}·ρ, R² {cal.r2:.4f}", fontsize=9)
+    else:
+        ref = cal.reference_hu or {}
+        a1.bar(list(ref), list(ref.values()))
+        a1.set_ylabel("measured HU")
+        a1.set_title(f"phantomless: E_eff {cal.effective_energy_kev:.1f} keV, b {cal.slope_hu_per_mg_cm3:.3f}",
+                     fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+
+
+def calibrate_ct(ct_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, method: str = "phantom",
+                 spec: PhantomSpec = PhantomSpec(), labels: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Calibrate an ingested CT (``ct.nii.gz``) and write ``bmd.nii.gz`` (mg/cm³ HA), ``calibration.json``, ``qc.png``.
+
+    Returns:
+        The summary written to ``calibration.json``.
+    """
+    from pathlib import Path
+
+    from bmdpipe.io.atomic import atomic_path, write_json
+
+    out = Path(out_dir)
+    hu = sitk.ReadImage(str(ct_path))
+    cal = calibrate(hu, method, spec)
+    with atomic_path(out / "bmd.nii.gz") as tmp:
+        sitk.WriteImage(apply_calibration(hu, cal), str(tmp), useCompression=True)
+    qc_figure(hu, cal, out / "qc.png")
+    summary = {"stage": "calibrate", "status": "ok", "code_version": STAGE_VERSION, "method_requested": method,
+               **(labels or {}), **cal.to_json()}
+    write_json(out / "calibration.json", summary)
+    return summary

@@ -36,6 +36,14 @@ def _cmd_ingest_xray(args: argparse.Namespace) -> None:
     print(json.dumps({k: summary[k] for k in ("shape_rows_cols", "pixel_spacing_mm", "sdd_mm", "status")}))
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> None:
+    from bmdpipe.calibrate import calibrate_ct
+
+    summary = calibrate_ct(args.ct, args.out, method=args.method)
+    keys = ("method", "slope_hu_per_mg_cm3", "intercept_hu", "r2", "effective_energy_kev")
+    print(json.dumps({k: summary.get(k) for k in keys}))
+
+
 def _cmd_validate_samples(args: argparse.Namespace) -> None:
     from bmdpipe.samples import load_samples, patients
 
@@ -71,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sdd", type=float, help="source-to-detector distance in mm (overrides the file)")
     p.add_argument("--apply-voi-lut", action="store_true", help="apply the file's VOI LUT or window")
     p.set_defaults(func=_cmd_ingest_xray)
+
+    p = sub.add_parser("calibrate", help="CT in HU (NIfTI) → mg/cm³ hydroxyapatite, by phantom or phantomless")
+    p.add_argument("ct", help="ingested CT, .nii.gz in HU")
+    p.add_argument("--out", required=True, help="output folder: bmd.nii.gz, calibration.json, qc.png")
+    p.add_argument("--method", choices=["phantom", "phantomless", "auto"], default="phantom",
+                   help="phantom (required, default), phantomless, or auto (phantom if found)")
+    p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser("validate-samples", help="check a samples sheet against its schema")
     p.add_argument("sheet", help="samples sheet, TSV or CSV")

@@ -20,7 +20,7 @@ from bmdpipe.errors import ConfigError
 SCHEMA = Path(__file__).resolve().parent.parent / "schemas" / "samples.schema.yaml"
 
 #: Columns whose value belongs to the patient and must agree on every row of that patient.
-PER_PATIENT_FIXED = ("ct", "ct_series_uid", "ct_labels", "label_table", "age", "sex", "site", "scanner")
+PER_PATIENT_FIXED = ("ct", "ct_series_uid", "ct_labels", "label_table", "calibration", "age", "sex", "site", "scanner")
 PATH_COLUMNS = ("xray", "ct", "ct_labels", "label_table")
 
 

@@ -76,3 +76,19 @@ class PatientStage:
 def failed_summary(stage: str, patient: str, reason: str, **labels: Any) -> dict[str, Any]:
     """The summary JSON of a stage that could not run for this patient."""
     return {"stage": stage, "status": "failed", "reason": reason, "patient_id": patient, "bmdpipe_version": __version__, **labels}
+
+
+def upstream_failure(summary_path: str | os.PathLike[str]) -> None:
+    """Raise :class:`InputError` when an earlier stage's summary says it failed, repeating its reason.
+
+    A stage whose input could not be made records the chain in the QC table
+    instead of failing on a missing file.
+    """
+    import json
+
+    p = Path(summary_path)
+    if not p.exists():
+        raise InputError(f"{p}: missing; the earlier stage did not write its summary")
+    summary = json.loads(p.read_text())
+    if summary.get("status") != "ok":
+        raise InputError(f"earlier stage {summary.get('stage')} failed: {summary.get('reason', 'no reason recorded')}")

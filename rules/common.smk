@@ -9,6 +9,7 @@ from bmdpipe import datasets
 from bmdpipe import samples as sample_sheet
 from bmdpipe.io import ct as ct_io
 from bmdpipe.io import xray as xray_io
+from bmdpipe import calibrate as calibrate_stage
 
 
 validate(config, "../schemas/config.schema.yaml")
@@ -89,6 +90,16 @@ def written_by_cohort_rule():
     return files
 
 
+
+
+def get_calibration_method(wildcards):
+    """The sheet's per-patient 'calibration' column, else calibrate.method of the config."""
+    rows = patient_rows(wildcards)
+    if "calibration" in rows and not rows.calibration.isna().iloc[0] and rows.calibration.iloc[0]:
+        return rows.calibration.iloc[0]
+    return config["calibrate"]["method"]
+
+
 def get_final_output():
     """What `snakemake` with no target builds."""
-    return ["results/qc/ingest.tsv"]
+    return ["results/qc/patients.tsv"]

@@ -1,16 +1,17 @@
 # Aggregate QC: every patient's status per stage, failures with their reason.
 
 
-rule qc_ingest:
+rule qc_table:
     input:
         ct=expand("results/ct/{patient}", patient=PATIENTS),
         xray=expand("results/xray/{patient}", patient=PATIENTS),
+        calibration=expand("results/calibration/{patient}", patient=PATIENTS),
     output:
-        "results/qc/ingest.tsv",
+        "results/qc/patients.tsv",
     log:
-        "results/logs/qc_ingest.log",
+        "results/logs/qc_table.log",
     benchmark:
-        "results/benchmarks/qc_ingest.tsv"
+        "results/benchmarks/qc_table.tsv"
     threads: 1
     resources:
         mem_mb=1000,

@@ -100,3 +100,22 @@ def test_phantomless_calibration_recovers_the_scanner_energy(energy):
     assert cal.effective_energy_kev == pytest.approx(energy, abs=3.0)
     assert cal.slope_hu_per_mg_cm3 == pytest.approx(physics.ha_slope(energy), rel=0.05)
     assert cal.intercept_hu == pytest.approx(offset, abs=3.0)
+
+
+def test_calibrate_ct_writes_density_summary_and_figure(tmp_path, capsys):
+    import json
+
+    from bmdpipe.cli import main as cli
+
+    sitk.WriteImage(phantom_ct(1.3, 2.0), str(tmp_path / "ct.nii.gz"))
+    assert cli(["calibrate", str(tmp_path / "ct.nii.gz"), "--out", str(tmp_path / "cal")]) == 0
+    summary = json.loads((tmp_path / "cal" / "calibration.json").read_text())
+    assert summary["status"] == "ok" and summary["method"] == "phantom"
+    assert summary["slope_hu_per_mg_cm3"] == pytest.approx(1.3, rel=0.02)
+    assert (tmp_path / "cal" / "qc.png").stat().st_size > 1000
+    density = sitk.GetArrayViewFromImage(sitk.ReadImage(str(tmp_path / "cal" / "bmd.nii.gz")))
+    assert float(np.median(density[:, 120 + int(50 / 0.9), 180])) == pytest.approx((250 - 2.0) / 1.3, rel=0.03)
+    sitk.WriteImage(phantom_ct(with_phantom=False), str(tmp_path / "plain.nii.gz"))
+    assert cli(["calibrate", str(tmp_path / "plain.nii.gz"), "--out", str(tmp_path / "no")]) == 2
+    assert "requires a phantom" in capsys.readouterr().err
+    assert not (tmp_path / "no" / "calibration.json").exists()

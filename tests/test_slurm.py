@@ -38,7 +38,7 @@ PROFILE = REPO / "profiles" / "slurm"
 #: Snakemake jobs the cohort below makes: (rule, patient); rule `all` is local.
 EXPECTED_JOBS = {("ingest_ct", p) for p in ("p01", "p02", "p03")} | {
     ("ingest_xray", p) for p in ("p01", "p02", "p03")
-} | {("qc_ingest", None)}
+} | {("calibrate", p) for p in ("p01", "p02", "p03")} | {("qc_table", None)}
 #: Keys of the JSON summaries that may differ between two runs of the same input.
 TIMING_KEY = re.compile(r"(^|_)(time|timestamp|date|datetime|seconds|elapsed|duration|runtime)(_|$)", re.I)
 
@@ -173,7 +173,7 @@ def test_every_job_went_through_sbatch(slurm_run):
 
 
 def test_per_patient_steps_share_slurm_jobs(slurm_run):
-    """profiles/slurm groups the per-patient ingestion: 6 ingest jobs + qc make 2 SLURM jobs, not 7.
+    """profiles/slurm groups the per-patient steps: 9 per-patient jobs + the QC table make 2 SLURM jobs, not 10.
 
     The plugin runs a group's jobs one after another, and the profile's group_slots
     resource makes Snakemake ask for exactly that: the largest threads and memory of
@@ -185,11 +185,12 @@ def test_per_patient_steps_share_slurm_jobs(slurm_run):
     group = [job for job, log in submitted if "/group_per_patient" in log]
     assert len(group) == 1, submitted
     log = next(slurm_run["work"].glob(f".snakemake/slurm_logs/group_per_patient*/{group[0]}.log"))
-    assert _jobs_in_slurm_log(log.read_text()) == EXPECTED_JOBS - {("qc_ingest", None)}
+    assert _jobs_in_slurm_log(log.read_text()) == EXPECTED_JOBS - {("qc_table", None)}
 
     profile = yaml.safe_load((PROFILE / "config.yaml").read_text())["set-resources"]
-    minutes = 3 * profile["ingest_ct"]["runtime"] + 3 * profile["ingest_xray"]["runtime"]
-    mem = max(profile["ingest_ct"]["mem_mb"], profile["ingest_xray"]["mem_mb"])
+    per_patient = ("ingest_ct", "ingest_xray", "calibrate")
+    minutes = sum(3 * profile[rule]["runtime"] for rule in per_patient)
+    mem = max(profile[rule]["mem_mb"] for rule in per_patient)
     (row,) = _sacct(slurm_run["env"], "-X", "-j", group[0], "-o", "AllocCPUS,ReqMem,Timelimit")
     assert row == ["1", f"{mem}M", f"{minutes // 60:02d}:{minutes % 60:02d}:00"], row
 
@@ -204,14 +205,14 @@ def _without_timing(value):
 
 def test_outputs_match_a_local_run(slurm_run, local_run):
     slurm_results, local_results = slurm_run["work"] / "results", local_run / "results"
-    qc_slurm = pd.read_csv(slurm_results / "qc" / "ingest.tsv", sep="\t", keep_default_na=False)
-    qc_local = pd.read_csv(local_results / "qc" / "ingest.tsv", sep="\t", keep_default_na=False)
-    assert len(qc_local) == 7
+    qc_slurm = pd.read_csv(slurm_results / "qc" / "patients.tsv", sep="\t", keep_default_na=False)
+    qc_local = pd.read_csv(local_results / "qc" / "patients.tsv", sep="\t", keep_default_na=False)
+    assert len(qc_local) == 10
     pd.testing.assert_frame_equal(qc_slurm, qc_local)
 
     def products(results):
-        return sorted(p.relative_to(results) for stage in ("ct", "xray") for p in (results / stage).rglob("*")
-                      if p.is_file())
+        stages = ("ct", "xray", "calibration")
+        return sorted(p.relative_to(results) for stage in stages for p in (results / stage).rglob("*") if p.is_file())
 
     files = products(local_results)
     assert files == products(slurm_results)

