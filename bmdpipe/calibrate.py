@@ -255,9 +255,6 @@ def fit_phantom(
             candidates.append(((plausible, used, water, r2, preferred), rods, (b, a, r2)))
     _, rods, (b, a, r2) = max(candidates, key=lambda c: c[0])
 
-    def usable():
-        return [r for r in rods if r["used"]]
-
     for r in rods:
         if "mean_hu" in r:
             r["residual_hu"] = float(r["mean_hu"] - (a + b * r["density_mg_cm3"]))
@@ -269,7 +266,7 @@ def fit_phantom(
     if not r2 >= spec.min_r2:
         raise InputError(
             f"calibration phantom: fewer than {spec.min_rods} rods agree with the configured densities "
-            f"(best fit of {len(usable())} rods: HU = {a:.1f} + {b:.3f}·ρ, R² {r2:.3f} < {spec.min_r2}); rods: {summary}"
+            f"(best fit of {sum(r['used'] for r in rods)} rods: HU = {a:.1f} + {b:.3f}·ρ, R² {r2:.3f} < {spec.min_r2}); rods: {summary}"
         )
     lo, hi = spec.slope_range
     if not lo <= b <= hi:
@@ -343,16 +340,12 @@ def reference_tissues(hu: sitk.Image) -> dict[str, float]:
     """Measured HU of air (outside the body), subcutaneous-like fat and muscle (inside), by histogram peaks."""
     from scipy import ndimage
 
+    from bmdpipe.segment import body_mask
+
     arr = sitk.GetArrayViewFromImage(hu).astype(np.float32)
-    body = arr > -500
-    lab, n = ndimage.label(body)
-    if n == 0:
+    body = body_mask(arr, -500.0)
+    if not body.any():
         raise InputError("phantomless calibration: no body found (no voxel above −500 HU)")
-    sizes = np.bincount(lab.ravel())
-    sizes[0] = 0
-    body = lab == int(np.argmax(sizes))
-    for z in range(body.shape[0]):
-        body[z] = ndimage.binary_fill_holes(body[z])
     inner = ndimage.binary_erosion(body, iterations=2)
     return {
         "air": _mode(arr[~body], AIR_WINDOW_HU),
@@ -424,9 +417,7 @@ def calibrate(hu: sitk.Image, method: str = "phantom", spec: PhantomSpec = Phant
         if method == "phantom":
             raise InputError(f"{exc} (calibration method 'phantom' requires a phantom; set calibrate.method to "
                              "'auto' or 'phantomless', or the sheet column 'calibration' for this patient)") from None
-        cal = calibrate_phantomless(hu)
-        cal.rods = []
-        return cal
+        return calibrate_phantomless(hu)
 
 
 def qc_figure(hu: sitk.Image, cal: Calibration, path: str | os.PathLike[str]) -> None:

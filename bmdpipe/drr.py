@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -317,7 +317,3 @@ def downsample_for_detector(image: sitk.Image, camera: Camera, sid_mm: float, *,
         return image
     return sitk.BinShrink(sitk.Cast(image, sitk.sitkFloat32), factors)
 
-
-def poses_batch(vectors: Iterable[Sequence[float]], orientation: str = "PA") -> list[Pose]:
-    """Poses from ``(6,)`` vectors (rotation deg, translation mm)."""
-    return [Pose.from_vector(v, orientation) for v in vectors]

@@ -136,6 +136,27 @@ def labels_from_map(
     return out, {"method": "supplied", "resampled": not _same_grid(labels, ct), "structures_voxels": structures}
 
 
+def body_mask(hu: np.ndarray, threshold_hu: float = -400.0) -> np.ndarray:
+    """The patient's body in a CT: the largest connected region above ``threshold_hu``, holes filled per slice.
+
+    The table and anything not touching the body fall away.
+
+    Args:
+        hu: ``(z, y, x)`` HU array.
+
+    Returns:
+        ``(z, y, x)`` bool; all False when nothing exceeds the threshold.
+    """
+    body = hu > threshold_hu
+    comp, n = ndimage.label(body)
+    if n > 1:
+        sizes = ndimage.sum_labels(body, comp, index=np.arange(1, n + 1))
+        body = comp == (1 + int(np.argmax(sizes)))
+    for k in range(body.shape[0]):
+        body[k] = ndimage.binary_fill_holes(body[k])
+    return body
+
+
 def threshold_bone(ct_hu: sitk.Image, *, threshold_hu: float = 150.0, min_component_ml: float = 0.5) -> tuple[sitk.Image, dict[str, Any]]:
     """Fallback: bone as HU ≥ threshold, holes filled, small components removed; labelled ``bone``.
 

@@ -50,7 +50,6 @@ class PatientStage:
         self.stage = stage
         self.patient = patient
         self.on_error = on_error
-        self.failures: list[str] = []
 
     def attempt(self, func: Callable[[], Any], summary_path: str | os.PathLike[str], **labels: Any) -> bool:
         """Run ``func``; on bad input record a failed summary at ``summary_path``.
@@ -66,7 +65,6 @@ class PatientStage:
             log.error("%s %s failed: %s", self.stage, what, exc)
             if self.on_error == "fail":
                 raise
-            self.failures.append(str(exc))
             write_json(summary_path, failed_summary(self.stage, self.patient, str(exc), **labels))
             return False
         log.info("%s %s done in %.2f s", self.stage, what, time.perf_counter() - start)

@@ -100,6 +100,9 @@ def get_calibration_method(wildcards):
     return config["calibrate"]["method"]
 
 
+COHORT_FILES = written_by_cohort_rule()
+
+
 def get_final_output():
     """What `snakemake` with no target builds."""
     return ["results/qc/patients.tsv"]

@@ -7,8 +7,8 @@ if COHORT["source"] == "public_demo":
     rule demo_cohort:
         output:
             sheet=COHORT["samples"],
-            cts=[directory(p) for p in written_by_cohort_rule()["cts"]],
-            files=written_by_cohort_rule()["files"],
+            cts=[directory(p) for p in COHORT_FILES["cts"]],
+            files=COHORT_FILES["files"],
         params:
             cache=COHORT["cache_dir"],
         log:
@@ -30,8 +30,8 @@ if COHORT["source"] == "simulate":
     rule simulate_cohort:
         output:
             sheet=COHORT["samples"],
-            cts=[directory(p) for p in written_by_cohort_rule()["cts"]],
-            files=written_by_cohort_rule()["files"],
+            cts=[directory(p) for p in COHORT_FILES["cts"]],
+            files=COHORT_FILES["files"],
             truth=directory(str(Path(COHORT["samples"]).parent / "truth")),
         params:
             simulate=COHORT["simulate"],

@@ -30,6 +30,11 @@ def test_folds_are_patient_level_fixed_and_cover_everyone():
     assert make_folds(patients, 5, seed=2) != folds
 
 
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
 def _run(out: Path, *extra: str, timeout: int = 300) -> None:
     subprocess.run([sys.executable, str(SCRIPT), str(out), *extra], check=True, timeout=timeout)
 
@@ -44,7 +49,7 @@ def test_killed_training_resumes_to_the_same_state(tmp_path):
     proc = subprocess.Popen([sys.executable, str(SCRIPT), str(killed), "--sleep", "0.05"])
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # kill once two epochs are checkpointed, mid-way through the third
-        rows = list(csv.DictReader(open(killed / "metrics.csv"))) if (killed / "metrics.csv").exists() else []
+        rows = _rows(killed / "metrics.csv") if (killed / "metrics.csv").exists() else []
         if len(rows) >= 2:
             break
         time.sleep(0.05)
@@ -52,14 +57,14 @@ def test_killed_training_resumes_to_the_same_state(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (killed / "final.pt").exists()
-    assert 2 <= len(list(csv.DictReader(open(killed / "metrics.csv")))) < 6
+    assert 2 <= len(_rows(killed / "metrics.csv")) < 6
     _run(killed)  # resumes from last.pt
     a, b = _weights(tmp_path / "straight"), _weights(killed)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
-    rows = list(csv.DictReader(open(killed / "metrics.csv")))
+    rows = _rows(killed / "metrics.csv")
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5, 6]
-    straight = list(csv.DictReader(open(tmp_path / "straight" / "metrics.csv")))
+    straight = _rows(tmp_path / "straight" / "metrics.csv")
     assert [r["loss"] for r in rows] == [r["loss"] for r in straight]
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
 
@@ -69,7 +74,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
            str(tmp_path / "ddp"), "--epochs", "3"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = list(csv.DictReader(open(tmp_path / "ddp" / "metrics.csv")))
+    rows = _rows(tmp_path / "ddp" / "metrics.csv")
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
     assert (tmp_path / "ddp" / "final.pt").exists()

@@ -36,6 +36,7 @@ from scipy import ndimage
 
 from bmdpipe import physics
 from bmdpipe.io.atomic import atomic_path
+from bmdpipe.segment import body_mask
 
 #: Bump when preprocessing changes: the cache key includes it.
 BASE_VERSION = "3"
@@ -259,13 +260,7 @@ def build_base(spec: dict[str, Any], *, ct_downsample: int, vertebrae: list[str]
         lab = np.pad(lab, ((0, 0), (0, pad), (0, 0)))
 
     # 2. body mask, table removed
-    body = hu > -400
-    comp, n = ndimage.label(body)
-    if n > 1:
-        sizes = ndimage.sum_labels(body, comp, index=np.arange(1, n + 1))
-        body = comp == (1 + int(np.argmax(sizes)))
-    for k in range(body.shape[0]):
-        body[k] = ndimage.binary_fill_holes(body[k])
+    body = body_mask(hu, -400.0)
     hu[~body] = -1000.0
     lab[~body] = 0
 

@@ -87,6 +87,21 @@ detached() {
     )
 }
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# start_forking NAME PORT [READY_SECONDS READY_DESC READY_CMD...]: start a SLURM daemon that forks
+# and writes $D/run/NAME.pid, unless the recorded one is alive; wait until it is ready and has its pid file.
+start_forking() {
+    local name=$1 port=$2
+    shift 2
+    if alive "$name"; then
+        log "$name already running (pid $(cat "$D/run/$name.pid"))"
+        return
+    fi
+    port_open "$port" && die "port $port is taken by a $name this script did not start"
+    detached "$name" < /dev/null > "$D/log/$name.stdout" 2>&1  # forks; writes $D/run/$name.pid
+    if [ $# -gt 0 ]; then wait_for "$@"; fi
+    wait_for 10 "$name pid file" test -s "$D/run/$name.pid"
+    log "$name started (pid $(cat "$D/run/$name.pid"))"
+}
 
 # --- 1. packages ------------------------------------------------------------------
 PKGS=(slurmctld slurmd slurm-client munge)
@@ -267,35 +282,12 @@ StoragePass=slurm
 StorageLoc=slurm_acct_db
 EOF
     chmod 600 "$D/etc/slurmdbd.conf"            # slurmdbd refuses a readable one (G11)
-    if alive slurmdbd; then
-        log "slurmdbd already running (pid $(cat "$D/run/slurmdbd.pid"))"
-    else
-        port_open 6819 && die "port 6819 is taken by a slurmdbd this script did not start"
-        detached slurmdbd < /dev/null > "$D/log/slurmdbd.stdout" 2>&1  # forks; writes $D/run/slurmdbd.pid
-        wait_for 30 "slurmdbd on :6819" port_open 6819
-        wait_for 10 "slurmdbd pid file" test -s "$D/run/slurmdbd.pid"
-        log "slurmdbd started (pid $(cat "$D/run/slurmdbd.pid"))"
-    fi
+    start_forking slurmdbd 6819 30 "slurmdbd on :6819" port_open 6819
 fi
 
 # --- 5. slurmctld + slurmd ----------------------------------------------------------------
-if alive slurmctld; then
-    log "slurmctld already running (pid $(cat "$D/run/slurmctld.pid"))"
-else
-    port_open 6817 && die "port 6817 is taken by a slurmctld this script did not start"
-    detached slurmctld < /dev/null > "$D/log/slurmctld.stdout" 2>&1  # forks; writes $D/run/slurmctld.pid
-    wait_for 30 slurmctld scontrol ping
-    wait_for 10 "slurmctld pid file" test -s "$D/run/slurmctld.pid"
-    log "slurmctld started (pid $(cat "$D/run/slurmctld.pid"))"
-fi
-if alive slurmd; then
-    log "slurmd already running (pid $(cat "$D/run/slurmd.pid"))"
-else
-    port_open 6818 && die "port 6818 is taken by a slurmd this script did not start"
-    detached slurmd < /dev/null > "$D/log/slurmd.stdout" 2>&1  # forks; writes $D/run/slurmd.pid
-    wait_for 10 "slurmd pid file" test -s "$D/run/slurmd.pid"
-    log "slurmd started (pid $(cat "$D/run/slurmd.pid"))"
-fi
+start_forking slurmctld 6817 30 slurmctld scontrol ping
+start_forking slurmd 6818
 wait_for 60 "node $H idle" sh -c "sinfo -h -n $H -o %T | grep -qE '^(idle|mixed|allocated)'"
 if [ "$ACCT" = slurmdbd ]; then
     # slurmctld registers the cluster (and the root account) in slurmdbd by itself
