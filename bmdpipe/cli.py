@@ -57,6 +57,17 @@ def _cmd_demo_data(args: argparse.Namespace) -> None:
     print(build_public_demo(args.out, cache=args.cache))
 
 
+def _cmd_simulate(args: argparse.Namespace) -> None:
+    from bmdpipe.simulate import simulate_cohort
+
+    cfg: dict = {"n_patients": args.n, "seed": args.seed}
+    if args.no_phantom:
+        cfg["phantom"] = False
+    if args.cache:
+        cfg["cache_dir"] = args.cache
+    print(simulate_cohort(args.out, cfg))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``bmdpipe`` command."""
     parser = argparse.ArgumentParser(prog="bmdpipe", description=__doc__.splitlines()[0])
@@ -96,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder")
     p.add_argument("--cache", help="download cache (default ~/.cache/bmdpipe)")
     p.set_defaults(func=_cmd_demo_data)
+
+    p = sub.add_parser("simulate", help="write a virtual cohort: DICOM CT series, radiographs, samples.tsv, truth")
+    p.add_argument("--n", type=int, default=8, help="number of virtual patients (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="cohort seed: the same seed gives identical files")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--no-phantom", action="store_true", help="CT without the calibration phantom")
+    p.add_argument("--cache", help="download and base-anatomy cache (default ~/.cache/bmdpipe)")
+    p.set_defaults(func=_cmd_simulate)
     return parser
 
 

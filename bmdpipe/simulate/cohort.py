@@ -8,7 +8,8 @@ Layout under ``out_dir``::
     labels/structures.csv          its value → name table
     truth/{pid}.json               the record, derived truth (aBMD, vBMD, QCT, per-view ROIs and stats)
     truth/{pid}.npz                bone DRRs (g/cm²) per view, ``bone_drr_{view}`` (rows, cols) float32
-    truth/labels_{base}.nii.gz     label map of each base anatomy (every patient's CT has this voxel grid)
+    truth/labels_{pid}.nii.gz      the patient's own label map on its CT grid (elastically warped anatomy);
+                                   without the elastic field, truth/labels_{base}.nii.gz once per base
     samples.tsv                    the samples sheet (paths relative to out_dir)
 """
 
@@ -33,7 +34,7 @@ from bmdpipe.simulate.defaults import fill_config
 from bmdpipe.simulate.sampling import derive, sample_patient, t_score
 
 #: Bump when a change alters the simulated files.
-SIMULATOR_VERSION = "1"
+SIMULATOR_VERSION = "2"
 #: Fixed study date of every simulated file (dates are not data here; fixed for reproducibility).
 STUDY_DATE = "20260101"
 
@@ -61,6 +62,7 @@ def patient_record(cfg: dict[str, Any], index: int) -> dict[str, Any]:
         "resolution": dict(cfg["resolution"]),
         "cross_calibration": cfg["dxa_model"]["cross_calibration"],
         "scale_range": list(cfg["scale_range"]),
+        "t_score_reference": cfg["dxa_model"]["reference"],
         "simulator_version": SIMULATOR_VERSION,
     }
     return record
@@ -175,14 +177,18 @@ def _truth(record: dict[str, Any], base: BaseAnatomy, maps: dict[str, Any], deri
     k = record["habitus"]["body_scale"]
     rh = maps["rho_ha"]
     for vi, v in enumerate(base.vertebrae):
-        roi = base.qct_roi == vi + 1
-        vmask = base.vert_index == vi + 1
-        if maps["mirrored"]:
-            roi, vmask = roi[:, :, ::-1], vmask[:, :, ::-1]
+        roi = maps["qct_roi"] == vi + 1
+        vmask = maps["vert_index"] == vi + 1
         z0, z1, x0, x1 = base.meta["vertebrae"][v]["body_box_zx"]
         if maps["mirrored"]:
             nx = base.shape[2]
             x0, x1 = nx - x1, nx - x0
+        if maps["displacement"] is not None:  # the body moved with the elastic field (in-plane only)
+            p = render._cached(base)["vert_centroid_ijk"][vi].copy()
+            if maps["mirrored"]:
+                p[0] = base.shape[2] - 1 - p[0]
+            dx = float(render.displaced_points(p[None], maps)[0, 0] - p[0])
+            x0, x1 = x0 + int(round(dx)), x1 + int(round(dx))
         proj = (rh * vmask).sum(axis=1)[z0:z1, x0:x1] * (base.spacing[1] / 10.0) * k
         sel = proj > 0.05
         area = float(sel.sum()) * base.dxa_pixel_cm2 * k * k
@@ -190,7 +196,7 @@ def _truth(record: dict[str, Any], base: BaseAnatomy, maps: dict[str, Any], deri
         dxa = record["dxa_g_cm2"][v]
         verts[v] = {
             "dxa_g_cm2": dxa,
-            "t_score": t_score(dxa, v, record["sex"]) if v in ("T12", "L1", "L2", "L3", "L4") else None,
+            "t_score": t_score(dxa, v, record["sex"], record["model"]["t_score_reference"]) if v in ("T12", "L1", "L2", "L3", "L4") else None,
             "abmd_true_g_cm2": abmd,
             "abmd_target_g_cm2": derived["abmd_target"][v],
             "bmc_g": abmd * area,
@@ -264,8 +270,15 @@ def simulate_patient(record: dict[str, Any], base: BaseAnatomy, out_dir: str | o
             photometric=res["photometric"], bits_stored=res["bits"], kvp=view["acquisition"]["kvp"],
             view_position="PA", extra={"BodyPartExamined": "CHEST"}, uid=xray_uid,
         )
+    maps = sim["maps"]
     base_labels = out / "truth" / f"labels_{base.name}.nii.gz"
-    if not base_labels.exists():  # once per base: every patient's label map is this array on its CT grid
+    if maps["displacement"] is not None:  # warped anatomy: the patient's own truth label map
+        base_labels = out / "truth" / f"labels_{pid}.nii.gz"
+        lab_img = sitk.GetImageFromArray(np.ascontiguousarray(maps["labels"]))
+        lab_img.CopyInformation(img)
+        with atomic_path(base_labels) as tmp:
+            sitk.WriteImage(lab_img, str(tmp), useCompression=True)
+    elif not base_labels.exists():  # once per base: every patient's label map is this array on its CT grid
         ref = sitk.GetImageFromArray(np.ascontiguousarray(base.labels))
         ref.SetSpacing(base.spacing)
         ref.SetOrigin(base.origin)
@@ -273,8 +286,7 @@ def simulate_patient(record: dict[str, Any], base: BaseAnatomy, out_dir: str | o
         with atomic_path(base_labels) as tmp:
             sitk.WriteImage(ref, str(tmp), useCompression=True)
     if record["labels_in_sheet"]:
-        labels = base.labels[:, :, ::-1] if sim["maps"]["mirrored"] else base.labels
-        lab_img = sitk.GetImageFromArray(np.ascontiguousarray(labels))
+        lab_img = sitk.GetImageFromArray(np.ascontiguousarray(maps["labels"]))
         lab_img.CopyInformation(img)
         with atomic_path(out / "labels" / f"{pid}.nii.gz") as tmp:
             sitk.WriteImage(lab_img, str(tmp), useCompression=True)
@@ -282,11 +294,14 @@ def simulate_patient(record: dict[str, Any], base: BaseAnatomy, out_dir: str | o
     with atomic_path(out / "truth" / f"{pid}.npz") as tmp:
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, **{f"bone_drr_{v}": r["bone_drr"] for v, r in sim["views"].items()})
+    warped = maps["displacement"] is not None
     sim["truth"]["labels"] = {
-        "file": f"truth/labels_{base.name}.nii.gz",
-        "note": "the patient's label map is this array (mirrored along x when mirrored is true) on the "
-                "patient's CT grid (spacing × body_scale)",
-        "mirrored": bool(sim["maps"]["mirrored"]), "ct_spacing_mm": list(spacing),
+        "file": f"truth/{base_labels.name}",
+        "note": ("the patient's own label map on its CT grid (mirrored and elastically warped as recorded)"
+                 if warped else "the patient's label map is this array (mirrored along x when mirrored is "
+                 "true) on the patient's CT grid (spacing × body_scale)"),
+        "mirrored": bool(maps["mirrored"]) and not warped, "ct_spacing_mm": list(spacing),
+        "elastic_mm": maps["elastic_mm"],
     }
     truth = {"record": record, **sim["truth"], "simulator_version": SIMULATOR_VERSION,
              "seconds": round(time.perf_counter() - t0, 3)}
@@ -316,6 +331,7 @@ def _write_label_table(base: BaseAnatomy, path: Path) -> None:
 # --------------------------------------------------------------------------- cohort
 
 def _bases(cfg: dict[str, Any]) -> dict[str, BaseAnatomy]:
+    physics.set_cache_dir(cfg["cache_dir"])
     return {str(b.get("name", "base")): load_base(b, ct_downsample=int(cfg["resolution"]["ct_downsample"]),
                                                   vertebrae=list(cfg["vertebrae"]), cache_dir=cfg["cache_dir"])
             for b in cfg["bases"]}
@@ -391,6 +407,7 @@ def simulate_one(out_dir: str | os.PathLike[str], cfg: dict[str, Any] | None, pa
     index = ids.index(patient) if isinstance(patient, str) else int(patient)
     record = patient_record(cfg, index)
     spec = next(b for b in cfg["bases"] if str(b.get("name", "base")) == record["base"])
+    physics.set_cache_dir(cfg["cache_dir"])
     base = load_base(spec, ct_downsample=int(cfg["resolution"]["ct_downsample"]), vertebrae=list(cfg["vertebrae"]),
                      cache_dir=cfg["cache_dir"])
     with torch_threads(cfg["torch_threads"]):

@@ -12,15 +12,8 @@ from typing import Any
 
 import numpy as np
 
-#: Young-adult DXA reference per vertebra, g/cm² (mean, SD) by sex
-#: (SIMULATOR.md §3.2, Biology Direct 2025 Table 1). T12 is not tabulated:
-#: L1 × 0.95 with L1's SD ([unverified, conventional] T12 ≈ L1 − 3…5 %).
-YOUNG_ADULT_REF = {
-    "M": {"T12": (0.949, 0.123), "L1": (0.999, 0.123), "L2": (1.073, 0.127), "L3": (1.081, 0.129),
-          "L4": (1.071, 0.127)},
-    "F": {"T12": (0.912, 0.128), "L1": (0.960, 0.128), "L2": (1.064, 0.128), "L3": (1.100, 0.127),
-          "L4": (1.086, 0.121)},
-}
+from bmdpipe import tscore
+
 #: Inter-vertebra correlation of clinical DXA labels by level distance
 #: (SIMULATOR.md §5.2, [seed 000]: L1–L2 0.918, L1–L3 0.878, L1–L4 0.807).
 LEVEL_CORRELATION = {0: 1.0, 1: 0.918, 2: 0.878, 3: 0.807, 4: 0.75}
@@ -77,8 +70,9 @@ def sample_patient(rng: np.random.Generator, cfg: dict[str, Any]) -> dict[str, A
     t_mean = mean_t_score(age, sex, cfg)
     t_sd = cfg["dxa_model"]["t_sd"]
     dxa = {}
+    ref = tscore.reference_table(cfg["dxa_model"]["reference"])
     for i, v in enumerate(verts):
-        mu, sd = YOUNG_ADULT_REF[sex][v]
+        mu, sd = ref[sex][v]
         dxa[v] = float(max(cfg["dxa_model"]["floor_g_cm2"], mu + sd * (t_mean + t_sd * z[i])))
 
     # label-noise terms (§3.4): precision per vertebra, accuracy, degenerative artefact
@@ -99,6 +93,8 @@ def sample_patient(rng: np.random.Generator, cfg: dict[str, Any]) -> dict[str, A
         "fat_mm": _u(rng, -10.0, 40.0),
         "soft_density_scale": float(rng.normal(1.0, 0.02)),
         "mirrored": bool(rng.random() < cfg["mirror_probability"]),
+        # smooth in-plane elastic field (§5.5): largest displacement U(0.5, 1)·elastic_mm, own seed
+        "elastic": {"max_mm": float(cfg["elastic_mm"]) * _u(rng, 0.5, 1.0), "seed": int(rng.integers(0, 2**31 - 1))},
     }
 
     views = {}
@@ -203,7 +199,6 @@ def derive(record: dict[str, Any], base, cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def t_score(dxa: float, vertebra: str, sex: str) -> float:
-    """T-score of a DXA value against the young-adult reference of :data:`YOUNG_ADULT_REF`."""
-    mu, sd = YOUNG_ADULT_REF[sex][vertebra]
-    return (dxa - mu) / sd
+def t_score(dxa: float, vertebra: str, sex: str, reference: str = tscore.DEFAULT_REFERENCE) -> float:
+    """T-score of a DXA value (g/cm²) against a young-adult reference (:mod:`bmdpipe.tscore`)."""
+    return tscore.t_score(dxa, vertebra, sex, reference)

@@ -75,7 +75,7 @@ def record_metrics(records: list[dict[str, Any]], base, cfg: dict[str, Any]) -> 
 def prevalence(records: list[dict[str, Any]], vbmd_l1: np.ndarray) -> dict[str, Any]:
     """V12 and V13 from the clinical L1 labels (sex-matched T-score) and L1 vBMD (mg/cm³)."""
     l1 = np.array([r["dxa_g_cm2"]["L1"] for r in records])
-    t = np.array([t_score(r["dxa_g_cm2"]["L1"], "L1", r["sex"]) for r in records])
+    t = np.array([t_score(r["dxa_g_cm2"]["L1"], "L1", r["sex"], r["model"]["t_score_reference"]) for r in records])
     op, pen, nor = t <= -2.5, (t > -2.5) & (t < -1.0), t >= -1.0
     return {
         "V12_dxa": float(op.mean()),
