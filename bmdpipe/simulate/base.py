@@ -374,3 +374,147 @@ def _mode_downsample(lab: np.ndarray, f: int) -> np.ndarray:
         out[better] = cand[better]
         best[better] = count[better]
     return out
+
+
+# --------------------------------------------------------------------------- elastic anatomy variants
+
+#: Control-point spacing of the smooth elastic field, mm (SIMULATOR.md §5.5: ±5 mm smooth field).
+ELASTIC_CONTROL_MM = 80.0
+
+
+def elastic_displacement(elastic: dict[str, Any], shape: tuple[int, int, int],
+                         spacing: tuple[float, float, float]):
+    """Smooth in-plane displacement field (SIMULATOR.md §5.5), voxels.
+
+    Gaussian radial-basis interpolation (σ = 0.6 × :data:`ELASTIC_CONTROL_MM`) of
+    standard-normal control displacements on an 80 mm lattice, scaled so that
+    the largest displacement is ``elastic["max_mm"]`` mm. In-plane only (x, y):
+    axial slices bend and shift, vertebral heights stay.
+
+    Args:
+        elastic: ``{"max_mm": float, "seed": int}``.
+        shape: ``(z, y, x)`` of the volume; spacing: ``(x, y, z)`` mm.
+
+    Returns:
+        float32 torch tensor ``(2, z, y, x)``: x and y components in voxels.
+        Voxel ``p`` of the deformed volume takes its content from ``p + u(p)``.
+    """
+    import math
+
+    import torch
+
+    rng = np.random.default_rng(int(elastic["seed"]))
+    sx, sy, sz = spacing
+
+    def weights(n: int, sp: float) -> torch.Tensor:
+        length = n * sp
+        m = max(2, int(math.ceil(length / ELASTIC_CONTROL_MM)) + 1)
+        centres = np.linspace(0.0, length, m)
+        pos = (np.arange(n) + 0.5) * sp
+        w = np.exp(-0.5 * ((pos[:, None] - centres[None, :]) / (0.6 * ELASTIC_CONTROL_MM)) ** 2)
+        return torch.from_numpy((w / w.sum(axis=1, keepdims=True)).astype(np.float32))
+
+    wz, wy, wx = weights(shape[0], sz), weights(shape[1], sy), weights(shape[2], sx)
+    ctrl = torch.from_numpy(rng.standard_normal((2, wz.shape[1], wy.shape[1], wx.shape[1])).astype(np.float32))
+    d = torch.einsum("cabd,xd->cabx", ctrl, wx)
+    d = torch.einsum("cabx,yb->cayx", d, wy)
+    d = torch.einsum("cayx,za->czyx", d, wz).contiguous()
+    d *= float(elastic["max_mm"]) / float(torch.sqrt(d[0] ** 2 + d[1] ** 2).max())
+    d[0] /= sx
+    d[1] /= sy
+    return d
+
+
+def warp(vols: list[np.ndarray], disp, mode: str) -> list[np.ndarray]:
+    """Resample ``(z, y, x)`` volumes at ``p + u(p)`` slice by slice (in-plane).
+
+    Args:
+        vols: arrays of one shape; results keep each one's dtype.
+        disp: ``(2, z, y, x)`` voxels (:func:`elastic_displacement`).
+        mode: ``"bilinear"`` (densities, distances) or ``"nearest"`` (labels, masks).
+    """
+    import torch
+
+    nz, ny, nx = disp.shape[1:]
+    gx = (torch.arange(nx, dtype=torch.float32)[None, None, :] + disp[0]) * (2.0 / (nx - 1)) - 1.0
+    gy = (torch.arange(ny, dtype=torch.float32)[None, :, None] + disp[1]) * (2.0 / (ny - 1)) - 1.0
+    grid = torch.stack([gx, gy], dim=-1)  # (z, y, x, 2)
+    inp = torch.stack([torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for v in vols], dim=1)
+    out = torch.nn.functional.grid_sample(inp, grid, mode=mode, padding_mode="border", align_corners=True)
+    res = []
+    for i, v in enumerate(vols):
+        r = out[:, i].numpy()
+        if np.issubdtype(v.dtype, np.integer):
+            r = np.rint(r)
+        res.append(r.astype(v.dtype))
+    return res
+
+
+def deformed_base(base: BaseAnatomy, elastic: dict[str, Any]) -> BaseAnatomy:
+    """An anatomy variant: every array of ``base`` moved by one smooth elastic field (SIMULATOR.md §5.5).
+
+    Densities, muscle fraction and distance maps are resampled bilinearly,
+    labels and masks by nearest neighbour; the DXA projection tables and the
+    per-vertebra metadata are recomputed on the warped arrays, so the variant is
+    a base anatomy in its own right (its aBMD(s) lookup, ROIs and label map
+    agree with its density). About 2–4 s on one CPU core; :func:`variant` memoises.
+    """
+    import torch
+
+    with torch.no_grad():
+        disp = elastic_displacement(elastic, base.shape, base.spacing)
+        lin = warp([base.rho_w, base.rho_ha, base.muscle_fraction, base.dist_out.astype(np.float32),
+                    base.dist_in.astype(np.float32)], disp, "bilinear")
+        nn = warp([base.labels, base.vert_index, base.qct_roi, base.trabecular.astype(np.uint8),
+                   base.body.astype(np.uint8), base.bone.astype(np.uint8)], disp, "nearest")
+    rho_w, rho_ha, fm, d_out, d_in = lin
+    labels, vert_index, qct_roi, trabecular, body, bone = nn
+    rho_ha = np.where(bone > 0, rho_ha, 0.0).astype(np.float32)  # mineral only in bone voxels
+    meta = json.loads(json.dumps(base.meta))
+    meta["elastic"] = {k: elastic[k] for k in ("max_mm", "seed")}
+    dy_cm = base.spacing[1] / 10.0
+    d = disp.numpy()
+    trab, cort = [], []
+    for vi, vname in enumerate(base.vertebrae):
+        v = meta["vertebrae"][vname]
+        z0, z1, x0, x1 = v["body_box_zx"]
+        # the body box moves with the field at the vertebra's centre (in-plane only: z stays)
+        zc, yc, xc = (int(round(c)) for c in ndimage.center_of_mass(base.vert_index == vi + 1))
+        dx = -int(round(float(d[0, zc, yc, xc])))
+        x0, x1 = max(0, x0 + dx), min(base.shape[2], x1 + dx)
+        v["body_box_zx"] = [z0, z1, x0, x1]
+        dil = vert_index == vi + 1
+        tv = dil & (trabecular > 0)
+        trab.append(((rho_ha * tv).sum(axis=1)[z0:z1, x0:x1] * dy_cm).astype(np.float64))
+        cort.append(((rho_ha * (dil & ~tv)).sum(axis=1)[z0:z1, x0:x1] * dy_cm).astype(np.float64))
+        roi = qct_roi == vi + 1
+        v["vbmd_mg_cm3"] = float(rho_ha[roi].mean() * 1000.0) if roi.any() else float("nan")
+        v["qct_roi_voxels"] = int(roi.sum())
+    out = BaseAnatomy(
+        name=base.name, spacing=base.spacing, origin=base.origin, direction=base.direction, rho_w=rho_w,
+        rho_ha=rho_ha, muscle_fraction=fm, labels=labels, label_table=dict(base.label_table),
+        vertebrae=list(base.vertebrae), vert_index=vert_index, trabecular=trabecular > 0, qct_roi=qct_roi,
+        body=body > 0, bone=bone > 0, dist_out=d_out.astype(np.float16), dist_in=d_in.astype(np.float16),
+        dxa_trab=trab, dxa_cort=cort, dxa_pixel_cm2=base.dxa_pixel_cm2, meta=meta,
+    )
+    for vi, vname in enumerate(base.vertebrae):
+        meta["vertebrae"][vname]["abmd_g_cm2"] = out.abmd(vi, 1.0, 0.0, 1.0)
+    return out
+
+
+def variant_seed(base_name: str, index: int) -> int:
+    """Seed of elastic variant ``index`` of a base: fixed per (base, index), so cohorts share variants."""
+    return int.from_bytes(hashlib.sha256(f"{base_name}-elastic-{index}".encode()).digest()[:4], "little") >> 1
+
+
+def variant(base: BaseAnatomy, elastic: dict[str, Any] | None) -> BaseAnatomy:
+    """The record's anatomy: ``base`` itself, or its elastic variant (memoised on ``base``, ≤ 16 kept)."""
+    if not elastic or float(elastic.get("max_mm", 0.0)) <= 0.0:
+        return base
+    memo = base.__dict__.setdefault("_variants", {})
+    key = (round(float(elastic["max_mm"]), 6), int(elastic["seed"]))
+    if key not in memo:
+        if len(memo) >= 16:
+            memo.pop(next(iter(memo)))
+        memo[key] = deformed_base(base, elastic)
+    return memo[key]

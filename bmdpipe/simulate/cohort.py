@@ -8,8 +8,8 @@ Layout under ``out_dir``::
     labels/structures.csv          its value → name table
     truth/{pid}.json               the record, derived truth (aBMD, vBMD, QCT, per-view ROIs and stats)
     truth/{pid}.npz                bone DRRs (g/cm²) per view, ``bone_drr_{view}`` (rows, cols) float32
-    truth/labels_{pid}.nii.gz      the patient's own label map on its CT grid (elastically warped anatomy);
-                                   without the elastic field, truth/labels_{base}.nii.gz once per base
+    truth/labels_{base}[_e{seed}].nii.gz  label map of each base anatomy or elastic variant of it (the
+                                   patients' CT grids; see truth/{pid}.json "labels")
     samples.tsv                    the samples sheet (paths relative to out_dir)
 """
 
@@ -29,7 +29,7 @@ import pandas as pd
 from bmdpipe import physics
 from bmdpipe.io.atomic import atomic_path, write_json
 from bmdpipe.simulate import render
-from bmdpipe.simulate.base import BaseAnatomy, load_base
+from bmdpipe.simulate.base import BaseAnatomy, load_base, variant
 from bmdpipe.simulate.defaults import fill_config
 from bmdpipe.simulate.sampling import derive, sample_patient, t_score
 
@@ -99,6 +99,7 @@ def render_patient(record: dict[str, Any], base: BaseAnatomy, *, device: str = "
     import torch
 
     dev = torch.device(device)
+    base = variant(base, record["habitus"].get("elastic"))
     derived = derive(record, base, _model_cfg(record))
     maps = render.patient_maps(record, base, derived["trabecular_scale"], trabecular_factor=trabecular_factor)
     res = record["model"]["resolution"]
@@ -183,12 +184,6 @@ def _truth(record: dict[str, Any], base: BaseAnatomy, maps: dict[str, Any], deri
         if maps["mirrored"]:
             nx = base.shape[2]
             x0, x1 = nx - x1, nx - x0
-        if maps["displacement"] is not None:  # the body moved with the elastic field (in-plane only)
-            p = render._cached(base)["vert_centroid_ijk"][vi].copy()
-            if maps["mirrored"]:
-                p[0] = base.shape[2] - 1 - p[0]
-            dx = float(render.displaced_points(p[None], maps)[0, 0] - p[0])
-            x0, x1 = x0 + int(round(dx)), x1 + int(round(dx))
         proj = (rh * vmask).sum(axis=1)[z0:z1, x0:x1] * (base.spacing[1] / 10.0) * k
         sel = proj > 0.05
         area = float(sel.sum()) * base.dxa_pixel_cm2 * k * k
@@ -271,15 +266,12 @@ def simulate_patient(record: dict[str, Any], base: BaseAnatomy, out_dir: str | o
             view_position="PA", extra={"BodyPartExamined": "CHEST"}, uid=xray_uid,
         )
     maps = sim["maps"]
-    base_labels = out / "truth" / f"labels_{base.name}.nii.gz"
-    if maps["displacement"] is not None:  # warped anatomy: the patient's own truth label map
-        base_labels = out / "truth" / f"labels_{pid}.nii.gz"
-        lab_img = sitk.GetImageFromArray(np.ascontiguousarray(maps["labels"]))
-        lab_img.CopyInformation(img)
-        with atomic_path(base_labels) as tmp:
-            sitk.WriteImage(lab_img, str(tmp), useCompression=True)
-    elif not base_labels.exists():  # once per base: every patient's label map is this array on its CT grid
-        ref = sitk.GetImageFromArray(np.ascontiguousarray(base.labels))
+    anat = variant(base, record["habitus"].get("elastic"))
+    elastic = anat.meta.get("elastic")
+    base_labels = out / "truth" / (f"labels_{base.name}_e{elastic['seed']}.nii.gz" if elastic
+                                   else f"labels_{base.name}.nii.gz")
+    if not base_labels.exists():  # once per base: every patient's label map is this array on its CT grid
+        ref = sitk.GetImageFromArray(np.ascontiguousarray(anat.labels))
         ref.SetSpacing(base.spacing)
         ref.SetOrigin(base.origin)
         ref.SetDirection(base.direction)
@@ -294,14 +286,12 @@ def simulate_patient(record: dict[str, Any], base: BaseAnatomy, out_dir: str | o
     with atomic_path(out / "truth" / f"{pid}.npz") as tmp:
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, **{f"bone_drr_{v}": r["bone_drr"] for v, r in sim["views"].items()})
-    warped = maps["displacement"] is not None
     sim["truth"]["labels"] = {
         "file": f"truth/{base_labels.name}",
-        "note": ("the patient's own label map on its CT grid (mirrored and elastically warped as recorded)"
-                 if warped else "the patient's label map is this array (mirrored along x when mirrored is "
-                 "true) on the patient's CT grid (spacing × body_scale)"),
-        "mirrored": bool(maps["mirrored"]) and not warped, "ct_spacing_mm": list(spacing),
-        "elastic_mm": maps["elastic_mm"],
+        "note": "the patient's label map is this array (the base anatomy or its elastic variant; mirrored "
+                "along x when mirrored is true) on the patient's CT grid (spacing × body_scale)",
+        "mirrored": bool(maps["mirrored"]), "ct_spacing_mm": list(spacing),
+        "elastic_mm": float(elastic["max_mm"]) if elastic else 0.0,
     }
     truth = {"record": record, **sim["truth"], "simulator_version": SIMULATOR_VERSION,
              "seconds": round(time.perf_counter() - t0, 3)}

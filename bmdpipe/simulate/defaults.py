@@ -25,9 +25,11 @@ DEFAULTS: dict[str, Any] = {
     "female_fraction": 0.6,  # osteoporosis-referral mix (SIMULATOR.md §5.1)
     "age_range": [40.0, 90.0],  # triangular age distribution, years
     "age_mode": 68.0,
-    # smooth elastic deformation of the base anatomy (SIMULATOR.md §5.5), largest in-plane displacement
-    # per patient U(0.5, 1) × this, mm; 0 switches it off
+    # smooth elastic deformation of the base anatomy (SIMULATOR.md §5.5): each patient gets one of
+    # `elastic_variants` deformed copies of its base (built once per process, ≈ 2–4 s each), whose
+    # largest in-plane displacement is U(0.5, 1) × elastic_mm; 0 switches it off
     "elastic_mm": 5.0,
+    "elastic_variants": 8,
     "mirror_probability": 0.0,  # left-right mirroring (breaks heart situs; recorded in truth)
     "mislabel_photometric_probability": 0.0,  # PACS error: MONOCHROME tag opposite to the pixels (recorded)
     "fake_identity": False,  # write a made-up PatientName/BirthDate (PHI-stripping tests); else ANONYMOUS

@@ -36,8 +36,6 @@ PHANTOM_GAP_MM = 2.0
 #: Rod masks are eroded by this much before measuring (SIMULATOR.md §1.4 step 3): > 1 voxel of
 #: the demo CT, so no partial volume with the slab.
 PHANTOM_ROD_EROSION_MM = 2.0
-#: Control-point spacing of the smooth elastic field, mm (SIMULATOR.md §5.5: ±5 mm smooth field).
-ELASTIC_CONTROL_MM = 80.0
 #: Correlation of CT noise, Gaussian σ in voxels, in-plane (SIMULATOR.md §1.4).
 CT_NOISE_CORRELATION_VOXELS = 0.8
 #: ROI half-size on the detector for lung and mediastinum, mm.
@@ -81,10 +79,6 @@ def _cached(base: BaseAnatomy) -> dict[str, Any]:
         "body_center_ijk": np.array([(xb.min() + xb.max()) / 2, (yb.min() + yb.max()) / 2,
                                      (zb.min() + zb.max()) / 2]),
         "roi_points": _roi_points(base),
-        "spine_box": ndimage.find_objects((base.vert_index > 0).astype(np.uint8))[0],
-        # (i, j, k) centroid of each dilated vertebra, voxels
-        "vert_centroid_ijk": [np.array(ndimage.center_of_mass(base.vert_index == vi + 1))[::-1]
-                              for vi in range(len(base.vertebrae))],
     }
     cache["muscle_fraction"] = base.muscle_fraction.astype(np.float32) / np.float32(255.0)
     cache["trab_all_idx"] = np.flatnonzero(flat_trab)
@@ -131,9 +125,8 @@ def patient_maps(record: dict[str, Any], base: BaseAnatomy, scales: dict[str, fl
     Returns:
         ``rho_w``, ``rho_ha`` (float32 ``(z, y, x)``, g/cm³), ``spacing`` ((x, y, z) mm, × body scale),
         ``mirrored``, ``fat_mm``; the patient's anatomy arrays on the same grid (``labels``,
-        ``vert_index``, ``qct_roi``, ``trabecular``, ``muscle_fraction``: the base's, mirrored and
-        elastically warped like the maps); ``elastic_mm`` and ``displacement`` ((2, z, y, x) voxels,
-        :func:`elastic_displacement`, or None).
+        ``vert_index``, ``qct_roi``, ``trabecular``, ``muscle_fraction``: the base's, mirrored
+        like the maps). ``base`` is the record's anatomy variant (:func:`bmdpipe.simulate.base.variant`).
     """
     c = _cached(base)
     rw = base.rho_w.copy().ravel()
@@ -168,151 +161,13 @@ def patient_maps(record: dict[str, Any], base: BaseAnatomy, scales: dict[str, fl
         anatomy = {k: v[:, :, ::-1] for k, v in anatomy.items()}
     k = hab["body_scale"]
     spacing = tuple(k * s for s in base.spacing)
-    maps = {"rho_w": rw, "rho_ha": rh, "spacing": spacing, "mirrored": hab["mirrored"], "fat_mm": t,
-            "elastic_mm": 0.0, "displacement": None, **anatomy}
-    elastic = hab.get("elastic") or {}
-    if float(elastic.get("max_mm", 0.0)) > 0.0:
-        _apply_elastic(maps, elastic, base)
-    return maps
-
-
-def elastic_displacement(elastic: dict[str, Any], shape: tuple[int, int, int],
-                         spacing: tuple[float, float, float],
-                         box: tuple[slice, slice, slice] | None = None) -> torch.Tensor:
-    """Smooth in-plane displacement field of one patient (SIMULATOR.md §5.5), voxels.
-
-    Gaussian radial-basis interpolation (σ = 0.6 × :data:`ELASTIC_CONTROL_MM`) of
-    standard-normal control displacements on an 80 mm lattice over the whole
-    volume, scaled so that the largest displacement is ``elastic["max_mm"]`` mm.
-    In-plane only (x, y): axial slices bend and shift, vertebral heights stay,
-    so the cranio-caudal DXA box is unchanged.
-
-    Args:
-        elastic: ``{"max_mm": float, "seed": int}`` from the patient record.
-        shape: ``(z, y, x)`` of the volume; spacing: ``(x, y, z)`` mm.
-        box: evaluate the field only inside these ``(z, y, x)`` slices (same field).
-
-    Returns:
-        float32 tensor ``(2, z, y, x)`` (of the box when given): x and y components
-        in voxels. The patient's voxel ``p`` takes its content from base position ``p + u(p)``.
-    """
-    rng = np.random.default_rng(int(elastic["seed"]))
-    sx, sy, sz = spacing
-    box = box or tuple(slice(0, n) for n in shape)
-
-    def weights(n: int, sp: float, sl: slice) -> torch.Tensor:
-        length = n * sp
-        m = max(2, int(math.ceil(length / ELASTIC_CONTROL_MM)) + 1)
-        centres = np.linspace(0.0, length, m)
-        pos = (np.arange(n)[sl] + 0.5) * sp
-        w = np.exp(-0.5 * ((pos[:, None] - centres[None, :]) / (0.6 * ELASTIC_CONTROL_MM)) ** 2)
-        return torch.from_numpy((w / w.sum(axis=1, keepdims=True)).astype(np.float32))
-
-    full = [weights(n, sp, slice(0, n)) for n, sp in zip(shape, (sz, sy, sx))]
-    ctrl = torch.from_numpy(rng.standard_normal((2, *(w.shape[1] for w in full))).astype(np.float32))
-    # the scale is set on a 4 mm sampling of the whole field (independent of the box)
-    coarse = [w[:: max(1, int(round(4.0 / sp)))] for w, sp in zip(full, (sz, sy, sx))]
-    wz, wy, wx = (weights(n, sp, sl) for n, sp, sl in zip(shape, (sz, sy, sx), box))
-    mag = 0.0
-    for ws in (coarse, (wz, wy, wx)):
-        d = torch.einsum("cabd,xd->cabx", ctrl, ws[2])
-        d = torch.einsum("cabx,yb->cayx", d, ws[1])
-        d = torch.einsum("cayx,za->czyx", d, ws[0]).contiguous()
-        if not mag:
-            mag = float(torch.sqrt(d[0] ** 2 + d[1] ** 2).max())
-    d *= float(elastic["max_mm"]) / mag
-    d[0] /= sx
-    d[1] /= sy
-    return d
-
-
-def _warp(vols: list[np.ndarray], disp: torch.Tensor, box: tuple[slice, slice, slice],
-          mode: str) -> list[np.ndarray]:
-    """Resample ``(z, y, x)`` volumes inside ``box`` at ``p + u(p)`` (in-plane, per slice).
-
-    ``disp`` is the displacement of the box, ``(2, z, y, x)`` voxels. ``mode``:
-    ``"bilinear"`` (grid_sample, for densities) or ``"nearest"`` (an index
-    gather, for label arrays; several times faster than grid_sample's nearest).
-    """
-    zs, ys, xs = box
-    nz, ny, nx = disp.shape[1:]
-    if mode == "nearest":
-        ix = torch.clamp(torch.round(torch.arange(nx, dtype=torch.float32)[None, None, :] + disp[0]), 0, nx - 1)
-        iy = torch.clamp(torch.round(torch.arange(ny, dtype=torch.float32)[None, :, None] + disp[1]), 0, ny - 1)
-        flat = (torch.arange(nz, dtype=torch.int64)[:, None, None] * (ny * nx) + iy.to(torch.int64) * nx
-                + ix.to(torch.int64)).numpy().ravel()
-        res = [np.ascontiguousarray(v[zs, ys, xs]).ravel()[flat].reshape(nz, ny, nx) for v in vols]
-    else:
-        gx = (torch.arange(nx, dtype=torch.float32)[None, None, :] + disp[0]) * (2.0 / (nx - 1)) - 1.0
-        gy = (torch.arange(ny, dtype=torch.float32)[None, :, None] + disp[1]) * (2.0 / (ny - 1)) - 1.0
-        grid = torch.stack([gx, gy], dim=-1)  # (z, y, x, 2)
-        inp = torch.stack([torch.from_numpy(np.ascontiguousarray(v[zs, ys, xs], dtype=np.float32)) for v in vols],
-                          dim=1)
-        out_t = torch.nn.functional.grid_sample(inp, grid, mode="bilinear", padding_mode="border",
-                                                align_corners=True)
-        res = [out_t[:, i].numpy() for i in range(len(vols))]
-    out = []
-    for v, r in zip(vols, res):
-        w = np.array(v, copy=True)
-        w[zs, ys, xs] = r.astype(v.dtype, copy=False)
-        out.append(w)
-    return out
-
-
-def _sub(box: tuple[slice, slice, slice], inner: tuple[slice, slice, slice]) -> tuple[slice, ...]:
-    """``inner`` (absolute slices inside ``box``) relative to ``box``."""
-    return tuple(slice(i.start - b.start, i.stop - b.start) for b, i in zip(box, inner))
-
-
-def _apply_elastic(maps: dict[str, Any], elastic: dict[str, Any], base: BaseAnatomy) -> None:
-    """Warp the material maps and the anatomy arrays of ``maps`` in place (body box only)."""
-    c = _cached(base)
-    nx = base.shape[2]
-
-    def grown(b: tuple[slice, slice, slice], mm: float) -> tuple[slice, slice, slice]:
-        zs, ys, xs = b
-        if maps["mirrored"]:
-            xs = slice(nx - xs.stop, nx - xs.start)
-        g = [int(math.ceil(mm / sp)) + 1 for sp in maps["spacing"][:2]]
-        return (zs, slice(max(0, ys.start - g[1]), min(base.shape[1], ys.stop + g[1])),
-                slice(max(0, xs.start - g[0]), min(nx, xs.stop + g[0])))
-
-    box = grown(c["crop"], float(elastic["max_mm"]))
-    disp = elastic_displacement(elastic, base.shape, maps["spacing"], box)
-    names = ["rho_w", "rho_ha", "muscle_fraction"]
-    for name, vol in zip(names, _warp([maps[n] for n in names], disp, box, "bilinear")):
-        maps[name] = vol
-    (maps["labels"],) = _warp([maps["labels"]], disp, box, "nearest")
-    spine = grown(c["spine_box"], float(elastic["max_mm"]))  # vertebra arrays are zero elsewhere
-    names = ["vert_index", "qct_roi", "trabecular"]
-    for name, vol in zip(names, _warp([maps[n] for n in names], disp[(slice(None), *_sub(box, spine))],
-                                      spine, "nearest")):
-        maps[name] = vol
-    maps["displacement"] = (disp, box)
-    maps["elastic_mm"] = float(elastic["max_mm"])
-
-
-def displaced_points(ijk: np.ndarray, maps: dict[str, Any]) -> np.ndarray:
-    """Where base-grid points (N, 3) ``(i, j, k)`` (after mirroring) lie in the warped patient, voxels."""
-    if maps.get("displacement") is None:
-        return ijk
-    disp, box = maps["displacement"]
-    d = disp.numpy()
-    lo = np.array([box[2].start, box[1].start, box[0].start])
-    hi = lo + np.array(d.shape[1:][::-1]) - 1
-    x = ijk.astype(np.float64).copy()
-    for _ in range(3):  # fixed point of x = p − u(x); u is 0 outside the box
-        q = np.clip(np.rint(x), lo, hi).astype(int) - lo
-        inside = np.all((np.rint(x) >= lo) & (np.rint(x) <= hi), axis=1)
-        x[:, 0] = ijk[:, 0] - np.where(inside, d[0, q[:, 2], q[:, 1], q[:, 0]], 0.0)
-        x[:, 1] = ijk[:, 1] - np.where(inside, d[1, q[:, 2], q[:, 1], q[:, 0]], 0.0)
-    return x
+    return {"rho_w": rw, "rho_ha": rh, "spacing": spacing, "mirrored": hab["mirrored"], "fat_mm": t, **anatomy}
 
 
 def render_crop(base: BaseAnatomy, maps: dict[str, Any]) -> tuple[slice, slice, slice]:
     """Bounding box (z, y, x slices, unmirrored base indices) of the patient: body grown by the fat layer."""
     c = _cached(base)
-    grow = max(0.0, float(maps.get("fat_mm", MAX_FAT_MM))) + float(maps.get("elastic_mm", 0.0))
+    grow = max(0.0, float(maps.get("fat_mm", MAX_FAT_MM)))
     box = []
     for axis, (sl, size) in enumerate(zip(c["body_box"], base.shape)):
         sp = base.spacing[2 - axis]
@@ -549,7 +404,6 @@ def roi_boxes(base: BaseAnatomy, maps: dict[str, Any], cam: dict[str, Any]) -> d
         pts = ijk.copy()
         if maps["mirrored"]:
             pts[:, 0] = base.shape[2] - 1 - pts[:, 0]
-        pts = displaced_points(pts, maps)
         world = (v2w[:3, :3] @ pts.T + v2w[:3, 3:4]).T
         rc = project_points(world, cam)
         if name == "L1":
@@ -596,9 +450,7 @@ def ct_volume(record: dict[str, Any], base: BaseAnatomy, maps: dict[str, Any]) -
     mirrored = maps["mirrored"]
     c = _cached(base)
     fm = np.ascontiguousarray(maps["muscle_fraction"])
-    if maps["displacement"] is not None:
-        trab_idx, bone_idx = np.flatnonzero(maps["trabecular"]), np.flatnonzero(maps["rho_ha"] > 0)
-    elif mirrored:
+    if mirrored:
         trab_idx, bone_idx = _mirror_flat(c["trab_all_idx"], base.shape), _mirror_flat(c["bone_idx"], base.shape)
     else:
         trab_idx, bone_idx = c["trab_all_idx"], c["bone_idx"]

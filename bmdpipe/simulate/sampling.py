@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from bmdpipe import tscore
+from bmdpipe.simulate.base import variant_seed
 
 #: Inter-vertebra correlation of clinical DXA labels by level distance
 #: (SIMULATOR.md §5.2, [seed 000]: L1–L2 0.918, L1–L3 0.878, L1–L4 0.807).
@@ -93,8 +94,8 @@ def sample_patient(rng: np.random.Generator, cfg: dict[str, Any]) -> dict[str, A
         "fat_mm": _u(rng, -10.0, 40.0),
         "soft_density_scale": float(rng.normal(1.0, 0.02)),
         "mirrored": bool(rng.random() < cfg["mirror_probability"]),
-        # smooth in-plane elastic field (§5.5): largest displacement U(0.5, 1)·elastic_mm, own seed
-        "elastic": {"max_mm": float(cfg["elastic_mm"]) * _u(rng, 0.5, 1.0), "seed": int(rng.integers(0, 2**31 - 1))},
+        # elastic anatomy variant (§5.5), filled in below once the base is chosen
+        "elastic": int(rng.integers(0, max(1, int(cfg["elastic_variants"])))),
     }
 
     views = {}
@@ -146,10 +147,18 @@ def sample_patient(rng: np.random.Generator, cfg: dict[str, Any]) -> dict[str, A
         "rod_bias_hu": [float(v) for v in rng.normal(0.0, 1.0, 5)],
         "noise_seed": int(rng.integers(0, 2**31 - 1)),
     }
+    base_name = str(bases[int(rng.integers(0, len(bases)))].get("name", "base"))
+    k = habitus["elastic"]
+    habitus["elastic"] = None
+    if float(cfg["elastic_mm"]) > 0 and int(cfg["elastic_variants"]) > 0:
+        seed = variant_seed(base_name, k)
+        # largest displacement of variant k: elastic_mm × U(0.5, 1) drawn from its own seed
+        habitus["elastic"] = {"variant": k, "seed": seed,
+                              "max_mm": float(cfg["elastic_mm"]) * float(np.random.default_rng(seed).uniform(0.5, 1.0))}
     record = {
         "age": round(age, 2),
         "sex": sex,
-        "base": str(bases[int(rng.integers(0, len(bases)))].get("name", "base")),
+        "base": base_name,
         "vertebrae": verts,
         "dxa_g_cm2": dxa,
         "label_noise": label_noise,

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from bmdpipe.simulate.base import variant
 from bmdpipe.simulate.sampling import derive, t_score
 
 #: Targets of SIMULATOR.md §6 as (description, target text).
@@ -57,11 +58,11 @@ def record_metrics(records: list[dict[str, Any]], base, cfg: dict[str, Any]) -> 
         out["V5_L1_L2"] = pcc(l1, [r["dxa_g_cm2"]["L2"] for r in records])
     if "L3" in records[0]["dxa_g_cm2"]:
         out["V5_L1_L3"] = pcc(l1, [r["dxa_g_cm2"]["L3"] for r in records])
-    base_vbmd = base.meta["vertebrae"]["L1"]["vbmd_mg_cm3"]
     vbmd, abmd, clipped = [], [], []
     for r in records:
-        d = derive(r, base, cfg)
-        vbmd.append(d["trabecular_scale"]["L1"] * base_vbmd)
+        anat = variant(base, r["habitus"].get("elastic"))
+        d = derive(r, anat, cfg)
+        vbmd.append(d["trabecular_scale"]["L1"] * anat.meta["vertebrae"]["L1"]["vbmd_mg_cm3"])
         abmd.append(d["abmd_target"]["L1"])
         clipped.append(any(d["scale_clipped"].values()))
     vbmd = np.array(vbmd)
