@@ -32,7 +32,7 @@ from scipy import signal
 from bmdpipe.errors import InputError
 
 #: Bump when a change to this stage changes its outputs (the rule re-runs).
-STAGE_VERSION = "1"
+STAGE_VERSION = "2"
 
 
 @dataclass(frozen=True)
@@ -82,9 +82,10 @@ class Calibration:
         rods: per rod: density, mean and spread of HU, voxels, centre (mm,
             LPS), residual, used or why not.
         match: template correlation of the detected phantom.
-        reference_hu, effective_energy_kev, fit_rms_hu: phantomless only:
-            measured air/fat/muscle HU, the fitted effective energy and the
-            RMS misfit of the tissues.
+        reference_hu, effective_energy_kev, effective_energy_sd_kev, fit_rms_hu: phantomless
+            only: measured air/adipose/lean HU (:func:`reference_tissues`), the
+            effective energy and its posterior SD (keV), and the misfit of the
+            tissue ratio at that energy, as adipose HU.
     """
 
     method: str
@@ -96,6 +97,7 @@ class Calibration:
     reference_hu: dict[str, float] | None = None
     effective_energy_kev: float | None = None
     fit_rms_hu: float | None = None
+    effective_energy_sd_kev: float | None = None
 
     def to_density(self, hu: np.ndarray) -> np.ndarray:
         """mg/cm³ HA from HU (any shape)."""
@@ -316,28 +318,66 @@ def _robust_fit(rods: list[dict[str, Any]], spec: PhantomSpec) -> tuple[float, f
 
 # --- phantomless (internal) calibration ------------------------------------------
 
-#: HU windows where the reference tissues are looked for (SIMULATOR.md §1.1 table: adipose −99…−69,
-#: muscle 42…45 HU over 55–80 keV), and the effective energies searched, keV.
+#: HU windows of the reference tissues: air outside the body; adipose and lean soft tissue (muscle,
+#: organs, blood) inside it. Adipose moves from −99 to −69 HU over 55–80 keV, lean tissue barely
+#: (42–45 HU; SIMULATOR.md §1.1 table), so their attenuation ratio carries the effective energy.
 AIR_WINDOW_HU = (-1100.0, -900.0)
 FAT_WINDOW_HU = (-190.0, -30.0)
-MUSCLE_WINDOW_HU = (0.0, 100.0)
-ENERGY_GRID_KEV = np.arange(40.0, 120.01, 0.25)
+LEAN_WINDOW_HU = (-20.0, 120.0)
+#: Effective energies searched, keV.
+ENERGY_GRID_KEV = np.arange(40.0, 120.01, 0.1)
+#: Fewest voxels of each tissue for a measurement.
+MIN_TISSUE_VOXELS = 1000
 
 
-def _mode(values: np.ndarray, window: tuple[float, float], bin_hu: float = 2.0) -> float:
-    """Most frequent value of ``values`` inside ``window`` (histogram peak, smoothed)."""
-    from scipy.ndimage import gaussian_filter1d
+@dataclass(frozen=True)
+class PhantomlessSpec:
+    """Settings of the internal calibration (config ``calibrate.phantomless``).
 
-    v = values[(values >= window[0]) & (values <= window[1])]
-    if v.size < 100:
-        return float("nan")
-    hist, edges = np.histogram(v, bins=np.arange(window[0], window[1] + bin_hu, bin_hu))
-    k = int(np.argmax(gaussian_filter1d(hist.astype(np.float64), 2.0)))
-    return float((edges[k] + edges[k + 1]) / 2)
+    The effective energy E of the scan is estimated from the ratio of the
+    linear attenuation (relative to water, i.e. (HU − offset + 1000)/1000) of
+    deep adipose to deep lean soft tissue: adipose attenuates relatively less
+    at low energy. The tissues' ratio at ``reference_energy_kev`` is a
+    property of the population and the HU windows, fitted from phantom-
+    calibrated scans of the same kind (:func:`fit_tissue_reference`; the
+    default comes from the 24 phantom scans of the demo virtual cohort, seed 0).
+    It is combined with a prior on E for the tube voltage (a 120 kVp body CT
+    behaves like 65–75 keV, SIMULATOR.md §1.1); E gives the slope b(E) of HA
+    in water, the water offset comes from air (−1000 HU).
+
+    Attributes:
+        energy_prior_kev, energy_prior_sd_kev: Gaussian prior on E, keV.
+        fat_lean_ratio, fat_lean_ratio_sd: attenuation ratio of deep adipose to lean tissue at
+            ``reference_energy_kev`` and its between-patient SD.
+        reference_energy_kev: energy the ratio refers to.
+        depth_mm: tissue is measured this far inside the body surface (subcutaneous fat, whose
+            density varies most between patients, and partial volume at the skin are left out);
+            halved down to 5 mm when too few voxels are that deep.
+    """
+
+    energy_prior_kev: float = 69.0
+    energy_prior_sd_kev: float = 4.0
+    fat_lean_ratio: float = 0.8650
+    fat_lean_ratio_sd: float = 0.0017
+    reference_energy_kev: float = 70.0
+    depth_mm: float = 35.0
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> "PhantomlessSpec":
+        return cls(**cfg)
 
 
-def reference_tissues(hu: sitk.Image) -> dict[str, float]:
-    """Measured HU of air (outside the body), subcutaneous-like fat and muscle (inside), by histogram peaks."""
+def reference_tissues(hu: sitk.Image, depth_mm: float = PhantomlessSpec.depth_mm) -> dict[str, float]:
+    """Measured HU of the reference tissues.
+
+    Returns:
+        ``air`` (median of the air window outside the body), ``adipose`` and
+        ``lean`` (medians of their windows over voxels at least ``depth``
+        mm inside the body, in the axial plane), ``depth_mm`` used and the voxel counts.
+
+    Raises:
+        InputError: no body, or too few adipose or lean voxels even near the surface.
+    """
     from scipy import ndimage
 
     from bmdpipe.segment import body_mask
@@ -346,44 +386,126 @@ def reference_tissues(hu: sitk.Image) -> dict[str, float]:
     body = body_mask(arr, -500.0)
     if not body.any():
         raise InputError("phantomless calibration: no body found (no voxel above −500 HU)")
-    inner = ndimage.binary_erosion(body, iterations=2)
-    return {
-        "air": _mode(arr[~body], AIR_WINDOW_HU),
-        "adipose": _mode(arr[inner], FAT_WINDOW_HU),
-        "muscle": _mode(arr[inner], MUSCLE_WINDOW_HU),
-    }
+    outside = arr[~body]
+    air = outside[(outside >= AIR_WINDOW_HU[0]) & (outside <= AIR_WINDOW_HU[1])]
+    # depth below the skin in each axial slice (3-D distances cost 3× more and differ in < 1 % of voxels)
+    in_plane = hu.GetSpacing()[1::-1]
+    depth_map = np.stack([ndimage.distance_transform_edt(s, sampling=in_plane) for s in body])
+    depth = float(depth_mm)
+    while True:
+        deep = arr[depth_map >= depth]
+        fat = deep[(deep >= FAT_WINDOW_HU[0]) & (deep <= FAT_WINDOW_HU[1])]
+        lean = deep[(deep >= LEAN_WINDOW_HU[0]) & (deep <= LEAN_WINDOW_HU[1])]
+        if min(fat.size, lean.size) >= MIN_TISSUE_VOXELS or depth <= 5.0:
+            break
+        depth = max(depth / 2, 5.0)
+    if min(fat.size, lean.size) < MIN_TISSUE_VOXELS:
+        raise InputError(f"phantomless calibration: too few adipose ({fat.size}) or lean-tissue ({lean.size}) voxels "
+                         f"inside the body (need {MIN_TISSUE_VOXELS} each in {FAT_WINDOW_HU} and {LEAN_WINDOW_HU} HU); "
+                         "is it a body CT in HU?")
+    return {"air": _median(air) if air.size >= MIN_TISSUE_VOXELS else float("nan"),
+            "adipose": _median(fat), "lean": _median(lean), "depth_mm": depth,
+            "n_adipose": int(fat.size), "n_lean": int(lean.size)}
 
 
-def calibrate_phantomless(hu: sitk.Image) -> Calibration:
-    """Internal calibration from air, fat and muscle (SIMULATOR.md §1.2, after Michalski et al. 2020).
+def _median(values: np.ndarray) -> float:
+    """Median; for integer-valued HU (most CTs) interpolated within the unit bin, free of the 1 HU rounding."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0 or not np.all(v == np.round(v)):
+        return float(np.median(v))
+    lo = float(v.min())
+    counts = np.bincount((v - lo).astype(np.int64))
+    cdf = np.cumsum(counts)
+    k = int(np.searchsorted(cdf, v.size / 2))
+    below = cdf[k - 1] if k > 0 else 0
+    # values equal to lo + k spread uniformly over [lo + k − 0.5, lo + k + 0.5)
+    return float(lo + k - 0.5 + (v.size / 2 - below) / counts[k])
 
-    The effective energy E of the scan is the one whose tabulated HU of air,
-    adipose and muscle (ICRU 44/46 compositions, xraydb) best match the
-    measured ones after a common offset (the scanner's water offset); then
-    HU = offset + b(E)·ρ with b(E) for HA in water (SIMULATOR.md §1.1).
+
+def _log_atten_ratio(energies_kev: np.ndarray) -> np.ndarray:
+    """ln(μ_adipose/μ_muscle)(E) of the ICRU tissues (xraydb), shape (n,)."""
+    from bmdpipe import physics
+
+    e = np.asarray(energies_kev, dtype=np.float64)
+    return np.log(physics.mass_atten("adipose", e) / physics.mass_atten("muscle", e))
+
+
+def _tissue_ratio(ref: dict[str, float]) -> tuple[float, float]:
+    """(measured ln attenuation ratio adipose/lean, water offset HU) from :func:`reference_tissues`."""
+    offset = ref["air"] + 1000.0 if np.isfinite(ref["air"]) else 0.0
+    fat = (ref["adipose"] - offset + 1000.0) / 1000.0
+    lean = (ref["lean"] - offset + 1000.0) / 1000.0
+    return math.log(fat / lean), offset
+
+
+def energy_from_slope(slope_hu_per_mg_cm3: float) -> float:
+    """The effective energy (keV) whose HA-in-water slope b(E) is the given one (inverse of physics.ha_slope)."""
+    from bmdpipe import physics
+
+    # b(E) = (μ/ρ_HA − μ/ρ_w / 3.16)/(μ/ρ_w), as physics.ha_slope, on the whole grid at once; decreasing in E
+    m_w = physics.mass_atten("water", ENERGY_GRID_KEV)
+    b = (physics.mass_atten("ha", ENERGY_GRID_KEV) - m_w / physics.HA_DENSITY) / m_w
+    return float(np.interp(-slope_hu_per_mg_cm3, -b, ENERGY_GRID_KEV))
+
+
+def fit_tissue_reference(tissues: Sequence[dict[str, float]], phantom_slopes: Sequence[float],
+                         reference_energy_kev: float = PhantomlessSpec.reference_energy_kev) -> dict[str, float]:
+    """Fit :attr:`PhantomlessSpec.fat_lean_ratio` from phantom-calibrated scans.
+
+    Each scan's phantom slope gives its effective energy; its measured
+    adipose/lean attenuation ratio is carried to ``reference_energy_kev`` with
+    the ICRU tissues' energy dependence.
+
+    Args:
+        tissues: :func:`reference_tissues` of each scan.
+        phantom_slopes: the same scans' phantom slopes, HU per mg/cm³ HA.
+
+    Returns:
+        ``fat_lean_ratio``, ``fat_lean_ratio_sd`` (between scans) and ``n``.
+    """
+    if len(tissues) != len(phantom_slopes) or len(tissues) < 3:
+        raise InputError(f"fit_tissue_reference: need ≥ 3 scans with both tissues and a phantom slope, got {len(tissues)}")
+    ref_lr = float(_log_atten_ratio(np.array([reference_energy_kev]))[0])
+    logs = []
+    for t, b in zip(tissues, phantom_slopes):
+        measured, _ = _tissue_ratio(t)
+        e = energy_from_slope(float(b))
+        logs.append(measured - (float(_log_atten_ratio(np.array([e]))[0]) - ref_lr))
+    ratios = np.exp(np.array(logs))
+    return {"fat_lean_ratio": float(ratios.mean()), "fat_lean_ratio_sd": float(ratios.std(ddof=1)), "n": len(ratios)}
+
+
+def calibrate_phantomless(hu: sitk.Image, spec: PhantomlessSpec = PhantomlessSpec()) -> Calibration:
+    """Internal calibration from air, deep adipose and lean tissue (SIMULATOR.md §1.2; see :class:`PhantomlessSpec`).
+
+    E is the maximum a posteriori of the prior on E and the measured
+    adipose/lean attenuation ratio (Gaussian in its log, SD from the
+    reference's between-patient spread); slope = b(E), intercept = water
+    offset from air. ``effective_energy_sd_kev`` is the posterior SD.
 
     Raises:
-        InputError: fat or muscle cannot be measured.
+        InputError: the tissues cannot be measured.
     """
     from bmdpipe import physics
 
-    ref = reference_tissues(hu)
-    if not (np.isfinite(ref["adipose"]) and np.isfinite(ref["muscle"])):
-        raise InputError(f"phantomless calibration: fat or muscle not found in the CT (measured {ref}); "
-                         "is it a body CT in HU?")
-    names = [k for k in ("air", "adipose", "muscle") if np.isfinite(ref[k])]
-    measured = np.array([ref[k] for k in names])
-    best = (np.inf, 0.0, 0.0)
-    for e in ENERGY_GRID_KEV:
-        theory = np.array([-1000.0 if k == "air" else physics.tissue_hu(k, float(e)) for k in names])
-        offset = float(np.mean(measured - theory))
-        sse = float(((measured - theory - offset) ** 2).sum())
-        if sse < best[0]:
-            best = (sse, float(e), offset)
-    sse, e_eff, offset = best
+    ref = reference_tissues(hu, spec.depth_mm)
+    measured, offset = _tissue_ratio(ref)
+    grid = ENERGY_GRID_KEV
+    lr = _log_atten_ratio(grid)
+    ref_lr = float(_log_atten_ratio(np.array([spec.reference_energy_kev]))[0])
+    predicted = math.log(spec.fat_lean_ratio) + lr - ref_lr
+    sd_log = spec.fat_lean_ratio_sd / spec.fat_lean_ratio
+    cost = ((grid - spec.energy_prior_kev) / spec.energy_prior_sd_kev) ** 2 + ((measured - predicted) / sd_log) ** 2
+    k = int(np.argmin(cost))
+    post = np.exp(-0.5 * (cost - cost[k]))
+    post /= post.sum()
+    e_sd = float(np.sqrt((post * (grid - grid[k]) ** 2).sum()))
+    e_eff = float(grid[k])
     slope = physics.ha_slope(e_eff)
+    # misfit of the tissue ratio at E, expressed as adipose HU
+    fit_rms = float(abs(math.exp(measured) - math.exp(predicted[k])) * (ref["lean"] - offset + 1000.0))
     return Calibration("phantomless", float(slope), float(offset), float("nan"), reference_hu=ref,
-                       effective_energy_kev=e_eff, fit_rms_hu=math.sqrt(sse / len(names)))
+                       effective_energy_kev=e_eff, fit_rms_hu=fit_rms, effective_energy_sd_kev=e_sd)
 
 
 def apply_calibration(hu: sitk.Image, calibration: Calibration) -> sitk.Image:
@@ -405,19 +527,20 @@ METHODS = ("phantom", "phantomless", "auto")
 
 
 def calibrate(hu: sitk.Image, method: str = "phantom", spec: PhantomSpec = PhantomSpec(), *,
-              z_range: tuple[int, int] | None = None) -> Calibration:
+              z_range: tuple[int, int] | None = None,
+              phantomless: PhantomlessSpec = PhantomlessSpec()) -> Calibration:
     """Calibrate a CT by ``method``: ``phantom`` (required), ``phantomless``, or ``auto`` (phantom if found)."""
     if method not in METHODS:
         raise InputError(f"calibration method {method!r} is not one of {METHODS}")
     if method == "phantomless":
-        return calibrate_phantomless(hu)
+        return calibrate_phantomless(hu, phantomless)
     try:
         return fit_phantom(hu, spec, z_range=z_range)
     except InputError as exc:
         if method == "phantom":
             raise InputError(f"{exc} (calibration method 'phantom' requires a phantom; set calibrate.method to "
                              "'auto' or 'phantomless', or the sheet column 'calibration' for this patient)") from None
-        return calibrate_phantomless(hu)
+        return calibrate_phantomless(hu, phantomless)
 
 
 def qc_figure(hu: sitk.Image, cal: Calibration, path: str | os.PathLike[str]) -> None:
@@ -446,10 +569,11 @@ def qc_figure(hu: sitk.Image, cal: Calibration, path: str | os.PathLike[str]) ->
         a1.set_ylabel("mean HU")
         a1.set_title(f"HU = {cal.intercept_hu:.1f} + {cal.slope_hu_per_mg_cm3:.3f}·ρ, R² {cal.r2:.4f}", fontsize=9)
     else:
-        ref = cal.reference_hu or {}
+        ref = {k: v for k, v in (cal.reference_hu or {}).items() if k in ("air", "adipose", "lean")}
         a1.bar(list(ref), list(ref.values()))
         a1.set_ylabel("measured HU")
-        a1.set_title(f"phantomless: E_eff {cal.effective_energy_kev:.1f} keV, b {cal.slope_hu_per_mg_cm3:.3f}",
+        a1.set_title(f"phantomless: E_eff {cal.effective_energy_kev:.1f} ± {cal.effective_energy_sd_kev or 0:.1f} keV, "
+                     f"b {cal.slope_hu_per_mg_cm3:.3f}",
                      fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -458,7 +582,8 @@ def qc_figure(hu: sitk.Image, cal: Calibration, path: str | os.PathLike[str]) ->
 
 
 def calibrate_ct(ct_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, method: str = "phantom",
-                 spec: PhantomSpec = PhantomSpec(), labels: dict[str, Any] | None = None) -> dict[str, Any]:
+                 spec: PhantomSpec = PhantomSpec(), labels: dict[str, Any] | None = None,
+                 phantomless: PhantomlessSpec = PhantomlessSpec()) -> dict[str, Any]:
     """Calibrate an ingested CT (``ct.nii.gz``) and write ``bmd.nii.gz`` (mg/cm³ HA), ``calibration.json``, ``qc.png``.
 
     Returns:
@@ -470,7 +595,7 @@ def calibrate_ct(ct_path: str | os.PathLike[str], out_dir: str | os.PathLike[str
 
     out = Path(out_dir)
     hu = sitk.ReadImage(str(ct_path))
-    cal = calibrate(hu, method, spec)
+    cal = calibrate(hu, method, spec, phantomless=phantomless)
     with atomic_path(out / "bmd.nii.gz") as tmp:
         sitk.WriteImage(apply_calibration(hu, cal), str(tmp), useCompression=True)
     qc_figure(hu, cal, out / "qc.png")

@@ -9,6 +9,7 @@ rule calibrate:
     params:
         method=get_calibration_method,
         phantom=config["calibrate"]["phantom"],
+        phantomless=config["calibrate"]["phantomless"],
         on_error=config["on_patient_error"],
         code_version=calibrate_stage.STAGE_VERSION,
     log:

@@ -78,28 +78,60 @@ def test_too_few_rods_and_no_phantom_are_errors():
         fit_phantom(phantom_ct(with_phantom=False), PhantomSpec(min_match=0.2))
 
 
+def tissue_ct(energy, offset=5.0, ratio=0.8650, lean_density=1.05, subcutaneous_density=0.90, seed=0):
+    """Body of lean tissue (ICRU muscle) with deep fat lobules (ICRU adipose composition, density such that
+    the fat/lean attenuation ratio at 70 keV is ``ratio``) and a subcutaneous fat layer of another density,
+    at the HU of monoenergetic ``energy`` keV, plus a scanner water offset and noise; 1 mm pixels."""
+    from bmdpipe import physics
+
+    def hu_of(material, density):
+        return 1000.0 * (density * physics.mass_atten(material, energy)[0] / physics.mass_atten("water", energy)[0] - 1)
+
+    fat_density = ratio * lean_density * physics.mass_atten("muscle", 70.0)[0] / physics.mass_atten("adipose", 70.0)[0]
+    rng = np.random.default_rng(seed)
+    ny, nx = 260, 320
+    y, x = np.mgrid[:ny, :nx].astype(np.float64)
+    r = np.hypot((x - nx / 2) / 150, (y - ny / 2) / 120)
+    hu = np.full((ny, nx), -1000.0)
+    hu[r <= 1.0] = hu_of("adipose", subcutaneous_density)
+    hu[r <= 0.85] = hu_of("muscle", lean_density)
+    lobules = (np.sin(x / 9.0) * np.sin(y / 7.0) > 0.3) & (r <= 0.6)
+    hu[lobules] = hu_of("adipose", fat_density)
+    hu[np.hypot(x - nx / 2, y - ny / 2 - 40) < 14] = 400.0  # bone
+    vol = np.repeat(hu[None], 6, axis=0) + offset + rng.normal(0, 10.0, (6, ny, nx))
+    return sitk.GetImageFromArray(np.rint(vol).astype(np.int16))  # integer HU, as CTs store them
+
+
 @pytest.mark.parametrize("energy", [58.0, 68.0, 78.0])
 def test_phantomless_calibration_recovers_the_scanner_energy(energy):
-    """Air, fat and muscle at the HU of energy E (xraydb tables): the fitted slope is b(E)."""
+    """Deep fat/lean attenuation ratio at energy E (xraydb tables), flat prior: the slope is b(E)."""
     from bmdpipe import physics
-    from bmdpipe.calibrate import calibrate_phantomless
+    from bmdpipe.calibrate import PhantomlessSpec, calibrate_phantomless
 
-    rng = np.random.default_rng(int(energy))
-    offset = 5.0  # a scanner whose water reads +5 HU
-    ny, nx = 200, 240
-    y, x = np.mgrid[:ny, :nx].astype(np.float64)
-    r = np.hypot((x - nx / 2) / 100, (y - ny / 2) / 80)
-    hu = np.full((ny, nx), -1000.0)
-    hu[r <= 1.0] = physics.tissue_hu("adipose", energy)  # subcutaneous fat
-    hu[r <= 0.8] = physics.tissue_hu("muscle", energy)
-    hu[np.hypot(x - nx / 2, y - ny / 2 - 30) < 12] = 400.0  # bone
-    vol = np.repeat(hu[None], 6, axis=0) + offset + rng.normal(0, 10.0, (6, ny, nx))
-    img = sitk.GetImageFromArray(vol.astype(np.float32))
-    cal = calibrate_phantomless(img)
+    cal = calibrate_phantomless(tissue_ct(energy), PhantomlessSpec(energy_prior_sd_kev=1e6))
     assert cal.method == "phantomless"
-    assert cal.effective_energy_kev == pytest.approx(energy, abs=3.0)
-    assert cal.slope_hu_per_mg_cm3 == pytest.approx(physics.ha_slope(energy), rel=0.05)
-    assert cal.intercept_hu == pytest.approx(offset, abs=3.0)
+    assert cal.effective_energy_kev == pytest.approx(energy, abs=1.5)
+    assert cal.slope_hu_per_mg_cm3 == pytest.approx(physics.ha_slope(energy), rel=0.04)
+    assert cal.intercept_hu == pytest.approx(5.0, abs=1.0)
+    assert cal.reference_hu["depth_mm"] == 35.0  # the subcutaneous layer (another fat density) is not used
+    # the prior (69 ± 4 keV) pulls a far energy towards it, a near one barely
+    prior = calibrate_phantomless(tissue_ct(energy))
+    assert abs(prior.effective_energy_kev - 69.0) <= abs(energy - 69.0) + 0.2
+    if energy == 68.0:
+        assert prior.effective_energy_kev == pytest.approx(68.0, abs=1.0)
+
+
+def test_tissue_reference_fitted_from_phantom_scans():
+    """fit_tissue_reference recovers the fat/lean ratio of scans at known energies from their phantom slopes."""
+    from bmdpipe import physics
+    from bmdpipe.calibrate import fit_tissue_reference, reference_tissues
+
+    energies = [62.0, 69.0, 75.0]
+    tissues = [reference_tissues(tissue_ct(e, ratio=0.87, seed=i)) for i, e in enumerate(energies)]
+    fit = fit_tissue_reference(tissues, [physics.ha_slope(e) for e in energies])
+    assert fit["fat_lean_ratio"] == pytest.approx(0.87, abs=0.002) and fit["n"] == 3
+    with pytest.raises(InputError, match="need ≥ 3 scans"):
+        fit_tissue_reference(tissues[:2], [1.3, 1.3])
 
 
 def test_calibrate_ct_writes_density_summary_and_figure(tmp_path, capsys):

@@ -2,7 +2,7 @@
 
 import _common  # noqa: F401  (puts bmdpipe on sys.path)
 
-from bmdpipe.calibrate import PhantomSpec, calibrate_ct
+from bmdpipe.calibrate import PhantomlessSpec, PhantomSpec, calibrate_ct
 from bmdpipe.io.atomic import atomic_dir
 from bmdpipe.workflow import PatientStage, setup_logging, upstream_failure
 
@@ -14,6 +14,7 @@ with atomic_dir(sm.output[0]) as out:
     stage.attempt(
         lambda: upstream_failure(f"{sm.input.ct}/ct.json")
         or calibrate_ct(f"{sm.input.ct}/ct.nii.gz", out, method=sm.params.method,
-                        spec=PhantomSpec.from_config(sm.params.phantom), labels={"patient_id": patient}),
+                        spec=PhantomSpec.from_config(sm.params.phantom), labels={"patient_id": patient},
+                        phantomless=PhantomlessSpec.from_config(sm.params.phantomless)),
         out / "calibration.json",
     )
