@@ -44,6 +44,16 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     print(json.dumps({k: summary.get(k) for k in keys}))
 
 
+def _cmd_roi(args: argparse.Namespace) -> None:
+    from bmdpipe.roi import RoiSpec, roi_ct
+
+    spec = RoiSpec.from_config({"sites": args.sites.split(","), "hip": args.hip})
+    summary = roi_ct(args.density, args.labels, args.out, spec=spec)
+    print(json.dumps({"vertebrae": {v: e.get("abmd_g_cm2") for v, e in summary["vertebrae"].items()},
+                      "total_abmd_g_cm2": summary["total"]["abmd_g_cm2"],
+                      "hips": {s: h.get("abmd_g_cm2") for s, h in summary["hips"].items()}}))
+
+
 def _cmd_validate_samples(args: argparse.Namespace) -> None:
     from bmdpipe.samples import load_samples, patients
 
@@ -66,6 +76,35 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
     if args.cache:
         cfg["cache_dir"] = args.cache
     print(simulate_cohort(args.out, cfg))
+
+
+def _load_settings(path: str | None, key: str) -> dict:
+    """The ``key`` block of a config YAML file (empty without a file)."""
+    if not path:
+        return {}
+    import yaml
+
+    with open(path) as fh:
+        return dict((yaml.safe_load(fh) or {}).get(key) or {})
+
+
+def _cmd_register(args: argparse.Namespace) -> None:
+    from bmdpipe.register import RegistrationSettings, register_patient
+
+    settings = RegistrationSettings.from_config(_load_settings(args.config, "register"))
+    summaries = register_patient(args.xray, args.ct, args.out, settings, segment_dir=args.segment,
+                                 patient=args.patient, on_error="fail")
+    print(json.dumps({v: {k: s.get(k) for k in ("status", "similarity", "evaluations", "seconds", "reason")}
+                      for v, s in summaries.items()}))
+
+
+def _cmd_targets(args: argparse.Namespace) -> None:
+    from bmdpipe.targets import TargetSettings, targets_patient
+
+    settings = TargetSettings.from_config(_load_settings(args.config, "targets"))
+    summary = targets_patient(args.register, args.xray, args.calibration, args.segment, args.roi, args.out, settings,
+                              patient=args.patient)
+    print(json.dumps({k: summary[k] for k in ("views", "excluded", "status")}))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="phantom (required, default), phantomless, or auto (phantom if found)")
     p.set_defaults(func=_cmd_calibrate)
 
+    p = sub.add_parser("roi", help="DXA regions (vertebral sites, proximal femur) and areal BMD from a calibrated CT")
+    p.add_argument("density", help="calibrated CT, mg/cm³ HA (bmd.nii.gz of 'bmdpipe calibrate')")
+    p.add_argument("labels", help="bone label map on the same grid (labels.nii.gz of the segment stage)")
+    p.add_argument("--out", required=True, help="output folder: roi.nii.gz, core.nii.gz, abmd.json, qc.png")
+    p.add_argument("--sites", default="L1,L2,L3,L4", help="comma-separated DXA vertebrae (default L1,L2,L3,L4)")
+    p.add_argument("--hip", choices=["auto", "off", "required"], default="auto",
+                   help="proximal-femur ROI of each femur labelled (default auto)")
+    p.set_defaults(func=_cmd_roi)
+
     p = sub.add_parser("validate-samples", help="check a samples sheet against its schema")
     p.add_argument("sheet", help="samples sheet, TSV or CSV")
     p.add_argument("--no-check-paths", action="store_true", help="do not require the referenced files to exist")
@@ -115,6 +163,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-phantom", action="store_true", help="CT without the calibration phantom")
     p.add_argument("--cache", help="download and base-anatomy cache (default ~/.cache/bmdpipe)")
     p.set_defaults(func=_cmd_simulate)
+
+    p = sub.add_parser("register", help="register a patient's ingested radiographs to its CT (gradient correlation, CMA-ES)")
+    p.add_argument("xray", help="folder of ingested radiographs ({view}.nii.gz + {view}.json)")
+    p.add_argument("ct", help="folder of the ingested CT (ct.nii.gz + ct.json)")
+    p.add_argument("--out", required=True, help="output folder: {view}.json (pose, similarity, status) and qc.png")
+    p.add_argument("--segment", help="folder of the segment stage (labels.nii.gz) to centre on the target vertebrae")
+    p.add_argument("--patient", default="", help="patient id written into the summaries")
+    p.add_argument("--config", help="config YAML whose 'register' block sets the search (default settings otherwise)")
+    p.set_defaults(func=_cmd_register)
+
+    p = sub.add_parser("targets", help="bone and clinical-ROI projections (g/cm²) in each registered pose, plus the radiograph")
+    p.add_argument("register", help="folder written by 'bmdpipe register'")
+    p.add_argument("xray", help="folder of ingested radiographs")
+    p.add_argument("calibration", help="folder written by 'bmdpipe calibrate' (bmd.nii.gz)")
+    p.add_argument("segment", help="folder of the segment stage (labels.nii.gz: bmdpipe bone labels on the CT grid)")
+    p.add_argument("--roi", help="folder of the roi stage (roi.nii.gz); without it the ROI targets are empty")
+    p.add_argument("--out", required=True, help="output folder: {view}.npz, {view}_qc.png, targets.json")
+    p.add_argument("--patient", default="", help="patient id written into the summary")
+    p.add_argument("--config", help="config YAML whose 'targets' block sets the field and size")
+    p.set_defaults(func=_cmd_targets)
     return parser
 
 

@@ -31,6 +31,7 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 import torch
+import torch.nn.functional as F
 from nanodrr.camera import make_k_inv, make_rt_inv
 from nanodrr.data import Subject
 from nanodrr.drr import render as _render
@@ -230,6 +231,81 @@ def render(
     k_inv = camera.k_inv(device=iso.device).expand(len(poses), 3, 3)
     sdd = torch.full((len(poses),), float(camera.sdd_mm), device=iso.device)
     return _render(subject, k_inv, rt_inv, sdd, height, width, n_samples=n)
+
+
+def render_slices(
+    subject: Subject,
+    camera: Camera,
+    poses: Pose | Sequence[Pose],
+    *,
+    max_samples_per_call: int = MAX_SAMPLES_PER_CALL,
+) -> torch.Tensor:
+    """Line integrals by slice-wise bilinear interpolation (Joseph's method) for a batch of poses.
+
+    The volume is cut into the slices across the voxel axis most nearly
+    parallel to the rays; each ray is sampled once per slice, where it
+    crosses it, by bilinear interpolation in that slice (4 voxels instead of
+    the 8 of trilinear sampling), and the samples are summed times the ray
+    length per slice (voxel size / cos of the angle to that axis). Values
+    outside the volume count as 0. For rays within ~45° of a voxel axis (any
+    radiograph of an axial CT) this agrees with :func:`render` to well under
+    1 % (tests/test_drr.py) and needs about half the memory traffic; on the
+    CPU it is the faster of the two.
+
+    Returns:
+        ``(B, 1, H, W)`` float32, the same quantity as :func:`render`.
+    """
+    poses = [poses] if isinstance(poses, Pose) else list(poses)
+    height, width = camera.shape
+    volume = subject.image[0, 0]  # (D, H, W): index c, b, a of voxel coordinates (a, b, c)
+    dev, dtype = volume.device, volume.dtype
+    iso = subject.isocenter
+    rt_inv = _rt_inv(poses, iso).to(torch.float64)  # camera → world
+    w2v = subject.world_to_voxel.to(device=dev, dtype=torch.float64)
+    v, u = torch.meshgrid(torch.arange(height, device=dev, dtype=torch.float64) + 0.5,
+                          torch.arange(width, device=dev, dtype=torch.float64) + 0.5, indexing="ij")
+    uv1 = torch.stack([u, v, torch.ones_like(u)], dim=-1).reshape(-1, 3)
+    tgt_cam = camera.sdd_mm * (camera.k_inv(device=dev, dtype=torch.float64)[0] @ uv1.T).T  # (N, 3)
+    src_w = rt_inv[:, :3, 3]  # (B, 3)
+    tgt_w = torch.einsum("bij,nj->bni", rt_inv[:, :3, :3], tgt_cam) + src_w[:, None]  # (B, N, 3)
+    length_w = (tgt_w - src_w[:, None]).norm(dim=-1)  # (B, N)
+    src = (w2v[:3, :3] @ src_w.T).T + w2v[:3, 3]  # voxel coordinates (a, b, c)
+    direction = torch.einsum("ij,bnj->bni", w2v[:3, :3], tgt_w - src_w[:, None])  # (B, N, 3) voxel units
+    axis = int(direction.abs().mean(dim=(0, 1)).argmax())  # a=0 (W), b=1 (H), c=2 (D)
+    sizes = (volume.shape[2], volume.shape[1], volume.shape[0])  # along a, b, c
+    others = [k for k in range(3) if k != axis]
+    cache = getattr(subject, "_bmdpipe_slices", None)
+    if cache is None or cache[0] != axis or cache[1] is not volume:
+        perm = {0: (2, 0, 1), 1: (1, 0, 2), 2: (0, 1, 2)}[axis]  # slices first, then the (rows, cols) of a slice
+        slices = volume.permute(*perm).contiguous()[:, None]  # (S, 1, rows, cols)
+        subject._bmdpipe_slices = cache = (axis, volume, slices)
+    slices = cache[2]
+    n_slices = sizes[axis]
+    # grid_sample's (x, y) in a slice: x along its columns, y along its rows
+    col_axis, row_axis = {0: (1, 2), 1: (0, 2), 2: (0, 1)}[axis]
+    d_axis = direction[..., axis]
+    d_axis = torch.where(d_axis.abs() < 1e-12, torch.full_like(d_axis, 1e-12), d_axis)
+    step_w = (length_w / d_axis.abs()).to(dtype)  # world length per slice, (B, N)
+    # where a ray crosses slice s: (col, row) = base + s · slope, as grid_sample's normalized (x, y)
+    scale = torch.tensor([2.0 / max(sizes[col_axis] - 1, 1), 2.0 / max(sizes[row_axis] - 1, 1)], device=dev,
+                         dtype=torch.float64)
+    d_other = torch.stack([direction[..., col_axis], direction[..., row_axis]], dim=-1)  # (B, N, 2)
+    s_other = torch.stack([src[:, col_axis], src[:, row_axis]], dim=-1)[:, None]  # (B, 1, 2)
+    slope = d_other / d_axis[..., None]
+    base = s_other - src[:, None, axis, None] * slope
+    slope = (slope * scale).reshape(1, -1, 1, 2).to(dtype)
+    base = (base * scale - 1.0).reshape(1, -1, 1, 2).to(dtype)
+    out = torch.zeros(len(poses) * height * width, device=dev, dtype=dtype)
+    per_slice = len(poses) * height * width
+    chunk = max(1, max_samples_per_call // per_slice)
+    for s0 in range(0, n_slices, chunk):
+        s_idx = torch.arange(s0, min(s0 + chunk, n_slices), device=dev, dtype=dtype).view(-1, 1, 1, 1)
+        grid = torch.addcmul(base, s_idx, slope)  # (S, B*N, 1, 2)
+        samples = F.grid_sample(slices[s0 : s0 + len(s_idx)], grid, mode="bilinear", padding_mode="zeros",
+                                align_corners=True)  # (S, 1, B*N, 1)
+        out += samples.sum(dim=0).reshape(-1)
+    out = out.reshape(len(poses), -1)
+    return (out * step_w).reshape(len(poses), 1, height, width)
 
 
 def project_density(
