@@ -44,6 +44,35 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     print(json.dumps({k: summary.get(k) for k in keys}))
 
 
+def _cmd_segment(args: argparse.Namespace) -> None:
+    from bmdpipe.segment import segment_ct
+
+    if (args.labels is None) != (args.label_table is None):
+        raise InputError("--labels and --label-table go together")
+    method = "supplied" if args.labels else "unet" if args.model else "threshold"
+    summary = segment_ct(args.ct, args.out, method=method, labels=args.labels, label_table=args.label_table,
+                         model_dir=args.model, mc_samples=args.mc_samples, device=args.device)
+    print(json.dumps({k: summary.get(k) for k in ("method", "classes_present", "uncertainty", "status")}))
+
+
+def _cmd_train_segmenter(args: argparse.Namespace) -> None:
+    from bmdpipe.samples import load_samples
+    from bmdpipe.segment_unet import UNetSettings, train_segmenter
+
+    df = load_samples(args.sheet)
+    if "ct_labels" not in df:
+        raise InputError(f"{args.sheet}: no 'ct_labels' column; the U-Net trains on patients with label maps")
+    rows = df.drop_duplicates("patient_id")
+    rows = rows[rows.ct_labels.notna()]
+    cases = [{"patient_id": r.patient_id, "ct": r.ct, "labels": r.ct_labels, "label_table": r.get("label_table")}
+             for _, r in rows.iterrows()]
+    cfg = _load_settings(args.config, "segment").get("unet") or {}
+    if args.epochs:
+        cfg["epochs"] = args.epochs
+    summary = train_segmenter(cases, args.out, UNetSettings.from_config(cfg), device=args.device, progress=args.verbose)
+    print(json.dumps({k: summary[k] for k in ("patients", "skipped", "train_seconds", "status")}))
+
+
 def _cmd_roi(args: argparse.Namespace) -> None:
     from bmdpipe.roi import RoiSpec, roi_ct
 
@@ -136,6 +165,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["phantom", "phantomless", "auto"], default="phantom",
                    help="phantom (required, default), phantomless, or auto (phantom if found)")
     p.set_defaults(func=_cmd_calibrate)
+
+    p = sub.add_parser("segment", help="bone labels (bmdpipe scheme) and uncertainty for a CT: supplied map, U-Net or threshold")
+    p.add_argument("ct", help="CT in HU: an ingested CT folder (ct.nii.gz), a NIfTI file or a DICOM series folder")
+    p.add_argument("out", help="output folder: labels.nii.gz, uncertainty.nii.gz, segment.json, qc.png")
+    p.add_argument("--labels", help="a label map in any scheme (with --label-table): translated and resampled")
+    p.add_argument("--label-table", help="value → name table of --labels (value,name or TotalSegmentator's id,structure)")
+    p.add_argument("--model", help="a trained segmenter folder (bmdpipe train-segmenter): U-Net with MC dropout")
+    p.add_argument("--mc-samples", type=int, help="MC-dropout passes (default: the model's)")
+    p.add_argument("--device", default="cpu", help="torch device of the U-Net: cpu, cuda, auto (default cpu)")
+    p.set_defaults(func=_cmd_segment)
+
+    p = sub.add_parser("train-segmenter", help="train the segmentation U-Net on the sheet's patients with label maps")
+    p.add_argument("sheet", help="samples sheet with columns ct, ct_labels, label_table")
+    p.add_argument("out", help="model folder: model.pt, training.json, metrics.csv, last.pt (a rerun resumes)")
+    p.add_argument("--config", help="config YAML whose segment.unet block sets the U-Net (defaults otherwise)")
+    p.add_argument("--epochs", type=int, help="training epochs (overrides the config)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, auto (default cpu)")
+    p.set_defaults(func=_cmd_train_segmenter)
 
     p = sub.add_parser("roi", help="DXA regions (vertebral sites, proximal femur) and areal BMD from a calibrated CT")
     p.add_argument("density", help="calibrated CT, mg/cm³ HA (bmd.nii.gz of 'bmdpipe calibrate')")

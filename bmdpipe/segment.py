@@ -195,3 +195,183 @@ def _overlap_fraction(labels: sitk.Image, ct: sitk.Image) -> float:
         idx = np.array(labels.TransformPhysicalPointToContinuousIndex(world))
         inside += bool(np.all(idx >= -0.5) and np.all(idx <= np.array(labels.GetSize()) - 0.5))
     return inside / len(points)
+
+
+# --------------------------------------------------------------------------- the stage
+
+#: Methods of the segment stage; ``auto`` is resolved per patient by the workflow (or :func:`resolve_method`).
+METHODS = ("auto", "supplied", "unet", "threshold")
+
+
+def resolve_method(method: str, *, has_labels: bool, has_model: bool) -> str:
+    """The method a patient gets: ``auto`` = supplied labels if any, else the U-Net if one exists, else threshold."""
+    if method not in METHODS:
+        raise InputError(f"segmentation method {method!r} is not one of {METHODS}")
+    if method != "auto":
+        return method
+    return "supplied" if has_labels else "unet" if has_model else "threshold"
+
+
+def segment_ct(
+    ct_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    method: str,
+    labels: str | os.PathLike[str] | None = None,
+    label_table: str | os.PathLike[str] | None = None,
+    model_dir: str | os.PathLike[str] | None = None,
+    extra_names: Mapping[str, str] | None = None,
+    threshold_hu: float = 150.0,
+    mc_samples: int | None = None,
+    device: str = "cpu",
+    tags: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Segment the bones of one CT; write ``labels.nii.gz``, ``uncertainty.nii.gz``, ``segment.json``, ``qc.png``.
+
+    Args:
+        ct_path: the CT in HU: an ingested ``ct.nii.gz``, a NIfTI file or a DICOM folder.
+        out_dir: output folder.
+        method: ``supplied`` (``labels`` + ``label_table``), ``unet`` (``model_dir``),
+            ``threshold``, or ``auto`` (:func:`resolve_method`).
+        labels, label_table: a supplied label map in any scheme and its value → name table.
+        model_dir: a folder written by :func:`bmdpipe.segment_unet.train_segmenter`.
+        extra_names: structure name → bmdpipe name for schemes other than TotalSegmentator's.
+        threshold_hu: bone threshold of the fallback.
+        mc_samples: MC-dropout passes (default: the model's).
+        device: torch device of the U-Net (``cpu``, ``cuda``, ``auto``).
+        tags: extra summary fields (e.g. ``patient_id``).
+
+    Outputs (on the CT grid): ``labels.nii.gz`` uint8 :data:`BONE_LABELS`;
+    ``uncertainty.nii.gz`` float32, the U-Net's predictive entropy in nats
+    (zeros for supplied labels and the threshold fallback).
+
+    Returns:
+        The summary written to ``segment.json``: method, classes present, voxel
+        counts, for the U-Net the mean uncertainty (in bone, per structure).
+
+    Raises:
+        InputError: missing or unusable labels, table or model, unknown label names.
+    """
+    import time
+
+    from bmdpipe import __version__
+    from bmdpipe.io.atomic import atomic_path, write_json
+    from bmdpipe.io.ct import read_ct
+
+    start = time.perf_counter()
+    out = Path(out_dir)
+    method = resolve_method(method, has_labels=labels is not None, has_model=model_dir is not None)
+    p = Path(ct_path)
+    ct, _ = read_ct(p / "ct.nii.gz" if (p / "ct.nii.gz").is_file() else p)
+    unc_arr = None
+    extra: dict[str, Any] = {}
+    if method == "supplied":
+        if labels is None or label_table is None:
+            raise InputError("segmentation method 'supplied' needs a label map and a label table "
+                             "(sheet columns 'ct_labels' and 'label_table')")
+        if not Path(labels).exists():
+            raise InputError(f"{labels}: label map not found; check the 'ct_labels' column of the samples sheet")
+        seg, info = labels_from_map(sitk.ReadImage(str(labels)), read_label_table(label_table), ct,
+                                    extra_names=extra_names, source=str(labels))
+        extra["resampled"] = info["resampled"]
+    elif method == "unet":
+        from bmdpipe import segment_unet
+
+        if model_dir is None:
+            raise InputError("segmentation method 'unet' needs a trained model folder")
+        model = segment_unet.load_segmenter(model_dir, device=device)
+        seg, unc, info = segment_unet.predict(model, ct, mc_samples=mc_samples)
+        unc_arr = sitk.GetArrayViewFromImage(unc)
+        extra.update({"model": model.meta, "mc_samples": info["mc_samples"],
+                      "working_spacing_mm": info["working_spacing_mm"], "network_seconds": info["network_seconds"]})
+    elif method == "threshold":
+        seg, info = threshold_bone(ct, threshold_hu=threshold_hu)
+        extra.update({"threshold_hu": threshold_hu, "warnings": info["warnings"]})
+    else:  # resolve_method returns only these
+        raise AssertionError(method)
+    lab = sitk.GetArrayViewFromImage(seg)
+    counts = np.bincount(lab.ravel(), minlength=max(BONE_LABELS.values()) + 1)
+    structures = {name: int(counts[v]) for name, v in BONE_LABELS.items() if counts[v] > 0}
+    if not structures:
+        raise InputError(f"{ct_path}: no bone found by the '{method}' segmentation")
+    if unc_arr is None:
+        unc = sitk.Image(seg.GetSize(), sitk.sitkFloat32)
+        unc.CopyInformation(seg)
+    else:
+        bone = lab > 0
+        extra["uncertainty"] = {
+            "measure": "predictive entropy of the mean MC-dropout softmax (nats)",
+            "mean_in_bone": float(unc_arr[bone].mean()),
+            "mean_per_structure": {name: float(unc_arr[lab == BONE_LABELS[name]].mean()) for name in structures},
+            "fraction_of_bone_above_0_5": float((unc_arr[bone] > 0.5).mean()),
+        }
+    with atomic_path(out / "labels.nii.gz") as tmp:
+        sitk.WriteImage(sitk.Cast(seg, sitk.sitkUInt8), str(tmp), useCompression=True)
+    with atomic_path(out / "uncertainty.nii.gz") as tmp:
+        sitk.WriteImage(sitk.Cast(unc, sitk.sitkFloat32), str(tmp), useCompression=True)
+    qc_figure(ct, seg, unc, out / "qc.png", title=f"{(tags or {}).get('patient_id', '')} {method}".strip())
+    summary = {"stage": "segment", "status": "ok", "code_version": STAGE_VERSION, "bmdpipe_version": __version__,
+               **(tags or {}), "method": method, "classes_present": list(structures),
+               "structures_voxels": structures, "voxel_volume_ml": float(np.prod(ct.GetSpacing())) / 1000.0,
+               **extra, "seconds": round(time.perf_counter() - start, 2)}
+    write_json(out / "segment.json", summary)
+    return summary
+
+
+#: Overlay colours (RGB) of the QC figure: listed vertebrae cycle through these, other bone is grey-blue.
+_QC_COLOURS = [(0.90, 0.10, 0.10), (0.10, 0.70, 0.20), (0.15, 0.35, 0.95), (0.95, 0.75, 0.05), (0.80, 0.20, 0.80),
+               (0.05, 0.80, 0.80)]
+
+
+def qc_figure(ct: sitk.Image, labels: sitk.Image, uncertainty: sitk.Image, path: str | os.PathLike[str], *,
+              title: str = "") -> None:
+    """PNG for the report: coronal and sagittal CT through the spine with the labels, and the uncertainty."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    from bmdpipe.io.atomic import atomic_path
+
+    # LPS-ordered arrays (z up = superior after flipping rows in imshow)
+    hu, lab, unc = (sitk.GetArrayFromImage(sitk.DICOMOrient(img, "LPS")) for img in (ct, labels, uncertainty))
+    sx, sy, sz = sitk.DICOMOrient(ct, "LPS").GetSpacing()
+    spine = (lab >= 1) & (lab <= len(VERTEBRAE))
+    where = np.argwhere(spine) if spine.any() else np.argwhere(lab > 0)
+    zc, yc, xc = (np.median(where, axis=0).astype(int) if where.size else np.array(lab.shape) // 2)
+    present = [v for v in np.unique(lab) if v]
+    colour = {}
+    for i, v in enumerate(v for v in present if v <= len(VERTEBRAE)):
+        colour[v] = _QC_COLOURS[i % len(_QC_COLOURS)]
+    for v in present:
+        colour.setdefault(v, (0.55, 0.65, 0.80))
+    names = {val: name for name, val in BONE_LABELS.items()}
+
+    def overlay(ct2d: np.ndarray, lab2d: np.ndarray) -> np.ndarray:
+        g = np.clip((ct2d + 300.0) / 1300.0, 0, 1)[..., None].repeat(3, axis=-1)
+        for v, c in colour.items():
+            m = lab2d == v
+            g[m] = 0.45 * g[m] + 0.55 * np.array(c)
+        return g
+
+    views = [("coronal", hu[:, yc, :], lab[:, yc, :], unc[:, yc, :], sz / sx),
+             ("sagittal", hu[:, :, xc], lab[:, :, xc], unc[:, :, xc], sz / sy)]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 4.2))
+    for ax, (name, c2, l2, _u, aspect) in zip(axes[:2], views):
+        ax.imshow(overlay(c2, l2)[::-1], aspect=aspect, interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.set_axis_off()
+    _, _, _, u2, aspect = views[1]
+    im = axes[2].imshow(u2[::-1], aspect=aspect, cmap="magma", vmin=0, vmax=max(float(unc.max()), 1e-6))
+    axes[2].set_title("uncertainty (sagittal, nats)", fontsize=9)
+    axes[2].set_axis_off()
+    fig.colorbar(im, ax=axes[2], fraction=0.046)
+    handles = [Patch(color=colour[v], label=names.get(int(v), str(v)).replace("vertebra_", "")) for v in present][:12]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=7, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80)
+    plt.close(fig)
