@@ -12,6 +12,10 @@ include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/ingest.smk"
 include: "rules/calibrate.smk"
+include: "rules/segment.smk"
+include: "rules/roi.smk"
+include: "rules/register.smk"
+include: "rules/targets.smk"
 include: "rules/qc.smk"
 
 

@@ -61,7 +61,12 @@ from bmdpipe.register import (  # noqa: E402
     target_registration_error,
 )
 from bmdpipe.segment import labels_from_map, read_label_table  # noqa: E402
-from bmdpipe.targets import TargetSettings, crop_resize, make_targets, vertebra_points  # noqa: E402
+from bmdpipe.targets import (  # noqa: E402
+    TargetSettings,
+    crop_resize,
+    make_targets,
+    vertebra_points,
+)
 
 TARGET_VERTEBRAE = ("T12", "L1", "L2", "L3")
 
@@ -116,8 +121,13 @@ def naive_settings(settings: RegistrationSettings, generations: int) -> Registra
     """One level at the radiograph's own resolution, the whole image, no grid search, same bounds and population;
     it runs all its generations (no early stop)."""
     first = settings.levels[0]
-    return replace(settings, roi="full", search_shift_mm=0.0, patience=generations,
-                   levels=(Level(1.0, first.sigma_rot_deg, first.sigma_trans_mm, generations),))
+    return replace(
+        settings,
+        roi="full",
+        search_shift_mm=0.0,
+        patience=generations,
+        levels=(Level(1.0, first.sigma_rot_deg, first.sigma_trans_mm, generations),),
+    )
 
 
 def pcc(a: list[float], b: list[float]) -> float:
@@ -149,8 +159,10 @@ def main() -> None:
     tsettings = TargetSettings.from_config(cfg.get("targets") or {})
     pids = sorted(p.stem for p in (cohort / "truth").glob("sim*.json"))[: args.patients]
     print(f"machine: {machine()}; torch threads {args.threads}; load average at start {os.getloadavg()[0]:.2f}")
-    print(f"cohort {cohort}: {len(pids)} patients x {len(views)} views; similarity {settings.similarity}, roi {settings.roi}, "
-          f"levels {[lv.detector_factor for lv in settings.levels]}, population {settings.population}")
+    print(
+        f"cohort {cohort}: {len(pids)} patients x {len(views)} views; similarity {settings.similarity}, roi {settings.roi}, "
+        f"levels {[lv.detector_factor for lv in settings.levels]}, population {settings.population}"
+    )
     label_table = read_label_table(cohort / "labels" / "structures.csv")
 
     rows, naive_rows, mism_rows, target_pairs = [], [], [], {"all": ([], []), "L1": ([], [])}
@@ -179,29 +191,65 @@ def main() -> None:
             loads.append(os.getloadavg()[0])
             res = register(prepared, image, camera, init, settings)
             mpd = mean_projection_distance(points, camera, res.pose, tp, iso)
-            tre = target_registration_error(points, np.array(res.camera_to_world_ras),
-                                            np.array(truth["views"][view]["geometry"]["camera_to_world_ras"]))
-            row = {"pid": pid, "view": view, "mpd0": mean_projection_distance(points, camera, init, tp, iso), "mpd": mpd,
-                   **tre, "depth_change_mm": float(np.linalg.norm(res.pose.translation_mm) - np.linalg.norm(init.translation_mm)), "similarity": res.similarity, "status": res.status, "evaluations": res.evaluations,
-                   "seconds": res.seconds + t_prep / len(views), "register_seconds": res.seconds}
+            tre = target_registration_error(
+                points,
+                np.array(res.camera_to_world_ras),
+                np.array(truth["views"][view]["geometry"]["camera_to_world_ras"]),
+            )
+            row = {
+                "pid": pid,
+                "view": view,
+                "reason": res.reason,
+                "mpd0": mean_projection_distance(points, camera, init, tp, iso),
+                "mpd": mpd,
+                **tre,
+                "depth_change_mm": float(np.linalg.norm(res.pose.translation_mm) - np.linalg.norm(init.translation_mm)),
+                "similarity": res.similarity,
+                "status": res.status,
+                "evaluations": res.evaluations,
+                "seconds": res.seconds + t_prep / len(views),
+                "register_seconds": res.seconds,
+            }
             rows.append(row)
-            print(f"  {pid} {view:5s} mPD {row['mpd0']:5.1f} -> {mpd:5.2f} mm  mTRE {tre['mtre_mm']:5.1f} "
-                  f"(depth {tre['depth_mm']:5.1f}, in-plane {tre['inplane_mm']:4.2f}) sim {res.similarity:.3f} {res.status:6s} "
-                  f"{res.evaluations} DRRs {row['seconds']:5.1f} s (load {loads[-1]:.1f})", flush=True)
-            regs[view] = {"status": res.status, "reason": res.reason, "similarity": res.similarity,
-                          "pose": {"rotation_deg": list(res.pose.rotation_deg), "translation_mm": list(res.pose.translation_mm),
-                                   "orientation": res.pose.orientation},
-                          "isocenter_ras_mm": res.isocenter_ras_mm, "camera_to_world_ras": res.camera_to_world_ras,
-                          "camera": {"sdd_mm": camera.sdd_mm, "pixel_spacing_mm": list(camera.pixel_spacing_mm),
-                                     "shape_rows_cols": list(camera.shape)}}
+            print(
+                f"  {pid} {view:5s} mPD {row['mpd0']:5.1f} -> {mpd:5.2f} mm  mTRE {tre['mtre_mm']:5.1f} "
+                f"(depth {tre['depth_mm']:5.1f}, in-plane {tre['inplane_mm']:4.2f}) sim {res.similarity:.3f} {res.status:6s} "
+                f"{res.evaluations} DRRs {row['seconds']:5.1f} s (load {loads[-1]:.1f})",
+                flush=True,
+            )
+            regs[view] = {
+                "status": res.status,
+                "reason": res.reason,
+                "similarity": res.similarity,
+                "pose": {
+                    "rotation_deg": list(res.pose.rotation_deg),
+                    "translation_mm": list(res.pose.translation_mm),
+                    "orientation": res.pose.orientation,
+                },
+                "isocenter_ras_mm": res.isocenter_ras_mm,
+                "camera_to_world_ras": res.camera_to_world_ras,
+                "camera": {
+                    "sdd_mm": camera.sdd_mm,
+                    "pixel_spacing_mm": list(camera.pixel_spacing_mm),
+                    "shape_rows_cols": list(camera.shape),
+                },
+            }
             if len(naive_rows) < args.naive:
                 t0 = time.perf_counter()
                 nres = register(prepared, image, camera, init, naive_settings(settings, args.naive_generations))
-                naive_rows.append({"mpd": mean_projection_distance(points, camera, nres.pose, tp, iso),
-                                   "seconds": time.perf_counter() - t0 + t_prep / len(views), "evaluations": nres.evaluations,
-                                   "ours_seconds": row["seconds"], "ours_evaluations": res.evaluations})
-                print(f"    naive: mPD {naive_rows[-1]['mpd']:5.2f} mm, {nres.evaluations} DRRs, {naive_rows[-1]['seconds']:6.1f} s",
-                      flush=True)
+                naive_rows.append(
+                    {
+                        "mpd": mean_projection_distance(points, camera, nres.pose, tp, iso),
+                        "seconds": time.perf_counter() - t0 + t_prep / len(views),
+                        "evaluations": nres.evaluations,
+                        "ours_seconds": row["seconds"],
+                        "ours_evaluations": res.evaluations,
+                    }
+                )
+                print(
+                    f"    naive: mPD {naive_rows[-1]['mpd']:5.2f} mm, {nres.evaluations} DRRs, {naive_rows[-1]['seconds']:6.1f} s",
+                    flush=True,
+                )
         if not args.no_targets:
             cal = calibrate(ct, "phantom")
             density = apply_calibration(ct, cal)
@@ -233,16 +281,29 @@ def main() -> None:
         ct = sitk.ReadImage(str(work / "ct" / a / "ct.nii.gz"))
         prepared = prepare_ct(ct, settings, labels_of[a])
         image, summary = load_view(work, b, views[k % len(views)])
-        res = register(prepared, image, Camera.from_xray_summary(summary), initial_pose(summary, settings, prepared), settings)
+        res = register(
+            prepared, image, Camera.from_xray_summary(summary), initial_pose(summary, settings, prepared), settings
+        )
         init = initial_pose(summary, settings, prepared)
-        mism_rows.append({"pair": f"CT {a} / radiograph {b} {views[k % len(views)]}", "similarity": res.similarity,
-                          "status": res.status, "reason": res.reason,
-                          "depth_change_mm": float(np.linalg.norm(res.pose.translation_mm) - np.linalg.norm(init.translation_mm)),
-                          "body_scale_ratio": json.loads((cohort / "truth" / f"{b}.json").read_text())["record"]["habitus"]["body_scale"]
-                          / json.loads((cohort / "truth" / f"{a}.json").read_text())["record"]["habitus"]["body_scale"]})
-        print(f"  mismatched {mism_rows[-1]['pair']}: sim {res.similarity:.3f} {res.status}, depth change "
-              f"{mism_rows[-1]['depth_change_mm']:+.0f} mm, body-scale ratio {mism_rows[-1]['body_scale_ratio']:.3f} "
-              f"{res.reason[:80]}", flush=True)
+        mism_rows.append(
+            {
+                "pair": f"CT {a} / radiograph {b} {views[k % len(views)]}",
+                "similarity": res.similarity,
+                "status": res.status,
+                "reason": res.reason,
+                "depth_change_mm": float(np.linalg.norm(res.pose.translation_mm) - np.linalg.norm(init.translation_mm)),
+                "body_scale_ratio": json.loads((cohort / "truth" / f"{b}.json").read_text())["record"]["habitus"][
+                    "body_scale"
+                ]
+                / json.loads((cohort / "truth" / f"{a}.json").read_text())["record"]["habitus"]["body_scale"],
+            }
+        )
+        print(
+            f"  mismatched {mism_rows[-1]['pair']}: sim {res.similarity:.3f} {res.status}, depth change "
+            f"{mism_rows[-1]['depth_change_mm']:+.0f} mm, body-scale ratio {mism_rows[-1]['body_scale_ratio']:.3f} "
+            f"{res.reason[:80]}",
+            flush=True,
+        )
 
     mpd = np.array([r["mpd"] for r in rows])
     flagged = np.array([r["status"] != "ok" for r in rows])
@@ -250,43 +311,74 @@ def main() -> None:
     sims_ok = [r["similarity"] for r in rows if r["status"] == "ok"]
     print("\n== registration", f"({len(rows)} radiographs of {len(pids)} patients)")
     print(f"mPD start: median {np.median([r['mpd0'] for r in rows]):.1f} mm")
-    print(f"mPD: median {np.median(mpd):.2f} mm, 95th percentile {np.percentile(mpd, 95):.2f} mm, max {mpd.max():.2f} mm, "
-          f"fraction <= 1 mm {np.mean(mpd <= 1.0):.1%}")
-    print(f"flagged: {flagged.sum()}; mPD > 1 mm: {bad.sum()}, of them flagged {int((bad & flagged).sum())}, "
-          f"unflagged {int((bad & ~flagged).sum())}; fraction <= 1 mm among unflagged {np.mean(mpd[~flagged] <= 1.0):.1%}")
+    print(
+        f"mPD: median {np.median(mpd):.2f} mm, 95th percentile {np.percentile(mpd, 95):.2f} mm, max {mpd.max():.2f} mm, "
+        f"fraction <= 1 mm {np.mean(mpd <= 1.0):.1%}"
+    )
+    print(
+        f"flagged: {flagged.sum()}; mPD > 1 mm: {bad.sum()}, of them flagged {int((bad & flagged).sum())}, "
+        f"unflagged {int((bad & ~flagged).sum())}; fraction <= 1 mm among unflagged {np.mean(mpd[~flagged] <= 1.0):.1%}"
+    )
     for r in rows:
         if r["mpd"] > 1.0 or r["status"] != "ok":
             print(f"  {r['pid']} {r['view']}: mPD {r['mpd']:.2f} mm, similarity {r['similarity']:.3f}, {r['status']}")
-    for key, label in (("mtre_mm", "3-D mTRE"), ("depth_mm", "  depth component |d|"), ("inplane_mm", "  in-plane component")):
+    sims = np.array([r["similarity"] for r in rows])
+    at_bound = np.array(["search bound" in r.get("reason", "") for r in rows])
+    print("similarity bound → flagged, failures (> 1 mm) left unflagged, good ones flagged (other flags kept):")
+    for bound in (0.68, 0.70, 0.72, 0.75, 0.78):
+        fl = (sims < bound) | at_bound
+        print(
+            f"  {bound:.2f}: {fl.sum():2d} flagged, {int((bad & ~fl).sum())} unflagged failures, {int((~bad & fl).sum())} "
+            f"good flagged; kept {np.mean(~fl):.1%}, of them <= 1 mm {np.mean(mpd[~fl] <= 1.0):.1%}"
+        )
+    for key, label in (
+        ("mtre_mm", "3-D mTRE"),
+        ("depth_mm", "  depth component |d|"),
+        ("inplane_mm", "  in-plane component"),
+    ):
         vals = np.array([r[key] for r in rows])
-        print(f"{label}: median {np.median(vals):.2f} mm, mean {vals.mean():.2f} mm, 95th percentile {np.percentile(vals, 95):.2f} mm")
+        print(
+            f"{label}: median {np.median(vals):.2f} mm, mean {vals.mean():.2f} mm, 95th percentile {np.percentile(vals, 95):.2f} mm"
+        )
     if sims_ok:
-        print(f"final similarity of unflagged: min {min(sims_ok):.3f}, median {np.median(sims_ok):.3f} "
-              f"(bound {settings.min_similarity})")
+        print(
+            f"final similarity of unflagged: min {min(sims_ok):.3f}, median {np.median(sims_ok):.3f} "
+            f"(bound {settings.min_similarity})"
+        )
     dchg = np.abs([r["depth_change_mm"] for r in rows])
-    print(f"|depth change from the DICOM start|: median {np.median(dchg):.1f} mm, max {dchg.max():.1f} mm "
-          f"(bound register.max_depth_mm {settings.max_depth_mm})")
+    print(
+        f"|depth change from the DICOM start|: median {np.median(dchg):.1f} mm, max {dchg.max():.1f} mm "
+        f"(bound register.max_depth_mm {settings.max_depth_mm})"
+    )
     secs = np.array([r["seconds"] for r in rows])
     evals = np.array([r["evaluations"] for r in rows])
-    print(f"seconds per radiograph (incl. CT preparation share): median {np.median(secs):.1f}, mean {secs.mean():.1f}, "
-          f"max {secs.max():.1f}; DRR evaluations median {np.median(evals):.0f}; load average during runs "
-          f"median {np.median(loads):.1f}")
+    print(
+        f"seconds per radiograph (incl. CT preparation share): median {np.median(secs):.1f}, mean {secs.mean():.1f}, "
+        f"max {secs.max():.1f}; DRR evaluations median {np.median(evals):.0f}; load average during runs "
+        f"median {np.median(loads):.1f}"
+    )
     if naive_rows:
         ns = np.array([r["seconds"] for r in naive_rows])
         os_ = np.array([r["ours_seconds"] for r in naive_rows])
-        print(f"naive single-resolution full-image CMA-ES on {len(naive_rows)} radiographs: median {np.median(ns):.1f} s, "
-              f"{np.median([r['evaluations'] for r in naive_rows]):.0f} DRRs, mPD median "
-              f"{np.median([r['mpd'] for r in naive_rows]):.2f} mm (max {max(r['mpd'] for r in naive_rows):.2f}); "
-              f"ours on the same radiographs median {np.median(os_):.1f} s: time ratio naive/ours {np.median(ns / os_):.1f}")
+        print(
+            f"naive single-resolution full-image CMA-ES on {len(naive_rows)} radiographs: median {np.median(ns):.1f} s, "
+            f"{np.median([r['evaluations'] for r in naive_rows]):.0f} DRRs, mPD median "
+            f"{np.median([r['mpd'] for r in naive_rows]):.2f} mm (max {max(r['mpd'] for r in naive_rows):.2f}); "
+            f"ours on the same radiographs median {np.median(os_):.1f} s: time ratio naive/ours {np.median(ns / os_):.1f}"
+        )
     if mism_rows:
-        print(f"mismatched CT/radiograph pairs: {sum(r['status'] != 'ok' for r in mism_rows)} of {len(mism_rows)} flagged; "
-              f"similarities {[round(r['similarity'], 3) for r in mism_rows]}")
+        print(
+            f"mismatched CT/radiograph pairs: {sum(r['status'] != 'ok' for r in mism_rows)} of {len(mism_rows)} flagged; "
+            f"similarities {[round(r['similarity'], 3) for r in mism_rows]}"
+        )
     if not args.no_targets:
         a, b = target_pairs["all"]
         la, lb = target_pairs["L1"]
         print("\n== targets (phantom calibration, truth labels as segmentation, registered pose)")
-        print(f"PCC of ROI means vs the true bone projection: all ROIs {pcc(a, b):.4f} (n={len(a)}); "
-              f"L1 only {pcc(la, lb):.4f} (n={len(la)}); L1 mean ratio target/truth {np.mean(np.array(la) / np.array(lb)):.3f}")
+        print(
+            f"PCC of ROI means vs the true bone projection: all ROIs {pcc(a, b):.4f} (n={len(a)}); "
+            f"L1 only {pcc(la, lb):.4f} (n={len(la)}); L1 mean ratio target/truth {np.mean(np.array(la) / np.array(lb)):.3f}"
+        )
     print(f"peak resident memory: {peak_rss_mb():.0f} MB; load average at end {os.getloadavg()[0]:.2f}")
 
 

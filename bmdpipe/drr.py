@@ -273,7 +273,6 @@ def render_slices(
     direction = torch.einsum("ij,bnj->bni", w2v[:3, :3], tgt_w - src_w[:, None])  # (B, N, 3) voxel units
     axis = int(direction.abs().mean(dim=(0, 1)).argmax())  # a=0 (W), b=1 (H), c=2 (D)
     sizes = (volume.shape[2], volume.shape[1], volume.shape[0])  # along a, b, c
-    others = [k for k in range(3) if k != axis]
     cache = getattr(subject, "_bmdpipe_slices", None)
     if cache is None or cache[0] != axis or cache[1] is not volume:
         perm = {0: (2, 0, 1), 1: (1, 0, 2), 2: (0, 1, 2)}[axis]  # slices first, then the (rows, cols) of a slice

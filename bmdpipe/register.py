@@ -78,7 +78,8 @@ class Level:
     """One resolution level of the search.
 
     Attributes:
-        detector_factor: detector coarsening factor (1 = the radiograph's own pixels).
+        detector_factor: detector coarsening factor (1 = the working detector: the
+            radiograph's own pixels, or ``detector_pitch_mm`` when these are finer).
         sigma_rot_deg, sigma_trans_mm: CMA-ES initial step sizes of the
             rotations and the in-plane shifts; the depth (source distance) gets
             ``depth_scale`` × ``sigma_trans_mm``.
@@ -127,8 +128,15 @@ class RegistrationSettings:
             shift (x and z), mm; 0 skips it.
         search_step_mm: step of that grid, mm.
         max_rot_deg, max_shift_mm, max_depth_mm: bounds of the pose change
-            from the initial pose; an optimum on a bound is a failure.
+            from the initial pose; an optimum on a bound is a failure. The
+            depth bound also catches a CT and radiograph of different-sized
+            patients, which the search can only match by magnification
+            (benchmarks/registration.py: matched radiographs moved ≤ 41 mm).
         min_similarity: below this final similarity the registration fails.
+        detector_pitch_mm: finest detector pixel the search uses, mm; a radiograph
+            with finer pixels (a clinical CR: 0.1–0.2 mm) is area-averaged to it,
+            which keeps the cost per radiograph that of the demo detector (2.4 mm)
+            while the mean projection distance stays far below a pixel.
         renderer: ``"slices"``: :func:`bmdpipe.drr.render_slices` (one
             bilinear sample per CT slice along the ray; 2.5–6× faster on the
             CPU and closer to the exact integral); ``"nanodrr"``: nanodrr's
@@ -163,8 +171,9 @@ class RegistrationSettings:
     search_step_mm: float = 10.0
     max_rot_deg: float = 12.0
     max_shift_mm: float = 80.0
-    max_depth_mm: float = 200.0
+    max_depth_mm: float = 50.0
     min_similarity: float = 0.72
+    detector_pitch_mm: float = 2.0
     renderer: str = "slices"
     ray_oversample: float = 1.0
     remove_outside_body: bool = True
@@ -275,12 +284,26 @@ class PreparedCT:
 def _ras_points(image: sitk.Image, ijk: np.ndarray) -> np.ndarray:
     """``(N, 3)`` continuous (x, y, z) indices → RAS world, mm."""
     direction = np.array(image.GetDirection()).reshape(3, 3)
-    lps = (direction @ (np.asarray(ijk, dtype=np.float64) * np.array(image.GetSpacing())).T).T + np.array(image.GetOrigin())
+    lps = (direction @ (np.asarray(ijk, dtype=np.float64) * np.array(image.GetSpacing())).T).T + np.array(
+        image.GetOrigin()
+    )
     return world_ras_from_lps(lps)
 
 
-def prepare_ct(ct_hu: sitk.Image, settings: RegistrationSettings = RegistrationSettings(),
-               labels: sitk.Image | None = None, *, bone_hu: float = 200.0) -> PreparedCT:
+def _disk(radius_px: float) -> np.ndarray:
+    """2-D disk structuring element of ``radius_px`` pixels (at least 1)."""
+    r = max(1, int(round(radius_px)))
+    y, x = np.mgrid[-r : r + 1, -r : r + 1]
+    return (x**2 + y**2) <= r * r + 0.5
+
+
+def prepare_ct(
+    ct_hu: sitk.Image,
+    settings: RegistrationSettings = RegistrationSettings(),
+    labels: sitk.Image | None = None,
+    *,
+    bone_hu: float = 200.0,
+) -> PreparedCT:
     """Body-only, body-cropped CT with its body centre and region of interest (see the module docstring).
 
     Args:
@@ -296,23 +319,37 @@ def prepare_ct(ct_hu: sitk.Image, settings: RegistrationSettings = RegistrationS
     img = sitk.Cast(ct_hu, sitk.sitkFloat32)
     hu = sitk.GetArrayFromImage(img)  # (z, y, x)
     info: dict[str, Any] = {}
-    # the body on a 2× coarser in-plane grid (speed): in each slice the largest region above −400 HU
-    # after an opening of ~6 mm radius, which parts a phantom or table lying against the skin (in a
-    # 3-D connected-component view they touch somewhere along the scan); holes filled, grown back
+    # the body on a 2× coarser in-plane grid (speed). In each slice: the region above −400 HU with its
+    # holes (lungs, bowel gas) filled and opened with a 16 mm disk, which cuts off anything thinner than
+    # 32 mm lying against the skin (a calibration-phantom slab, a table; in 3-D they touch the body
+    # somewhere along the scan); its largest part is the body, plus the small pieces the opening shaved
+    # off its outline (each under 10 cm²; the slab or table is one larger piece)
     coarse = hu[:, ::2, ::2]
     above = coarse > -400.0
-    r = max(1, int(round(6.0 / (2 * min(img.GetSpacing()[:2])))))
-    yy_, xx_ = np.mgrid[-r : r + 1, -r : r + 1]
-    disk = (xx_**2 + yy_**2) <= r * r + 0.5
+    pitch = 2 * min(img.GetSpacing()[:2])
+    big = _disk(16.0 / pitch)
+    max_sliver = 1000.0 / pitch**2  # 10 cm², in coarse pixels
     body = np.zeros_like(above)
     for k in range(above.shape[0]):
-        lab, n = ndimage.label(ndimage.binary_opening(above[k], structure=disk))
-        if n:
-            sizes = np.bincount(lab.ravel())[1:]
-            body[k] = ndimage.binary_fill_holes(lab == 1 + int(np.argmax(sizes)))
+        filled = ndimage.binary_fill_holes(above[k])
+        lab, n = ndimage.label(ndimage.binary_opening(filled, structure=big))
+        if not n:
+            continue
+        core = lab == 1 + int(np.argmax(np.bincount(lab.ravel())[1:]))
+        rest, m = ndimage.label(filled & ~core)
+        if m:
+            sizes = np.bincount(rest.ravel())
+            sizes[0] = 0
+            core |= (sizes < max_sliver)[rest] & (rest > 0)
+        body[k] = core
     if not body.any():
-        raise InputError("the CT holds no body (no region above -400 HU); is it a CT in HU?")
-    body = ndimage.binary_dilation(body, structure=disk[None]) & above
+        raise InputError("the CT holds no body (no region thicker than 32 mm above -400 HU); is it a CT in HU?")
+    # where the body presses on the slab a disk fits across the contact and a piece of the slab stays:
+    # a phantom or table is the same in every slice, so what is outside the body in most slices (but
+    # there in nearly all) is taken out of every slice
+    fixed = (above.mean(axis=0) > 0.9) & (body.mean(axis=0) < 0.5)
+    # grown by 6 mm so that the skin keeps the CT's own edge (outside it is air anyway)
+    body = ndimage.binary_dilation(body, structure=_disk(6.0 / pitch)[None]) & ~fixed[None]
     full = np.repeat(np.repeat(body, 2, axis=1), 2, axis=2)[:, : hu.shape[1], : hu.shape[2]]
     if settings.remove_outside_body:
         hu = np.where(full, hu, -1000.0).astype(np.float32)
@@ -322,17 +359,21 @@ def prepare_ct(ct_hu: sitk.Image, settings: RegistrationSettings = RegistrationS
     hi = np.array([xx.max(), yy.max(), zz.max()]) + 1
     lo = np.maximum(lo - 2, 0)
     hi = np.minimum(hi + 2, np.array(img.GetSize()))
-    cropped = sitk.GetImageFromArray(np.ascontiguousarray(hu[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]]))
+    cropped = sitk.GetImageFromArray(np.ascontiguousarray(hu[lo[2] : hi[2], lo[1] : hi[1], lo[0] : hi[0]]))
     cropped.SetSpacing(img.GetSpacing())
     cropped.SetDirection(img.GetDirection())
     cropped.SetOrigin(img.TransformIndexToPhysicalPoint([int(v) for v in lo]))
     # the patient's mid-thickness, where the source-to-patient distance is taken to end: per slice the
     # centre of the body's extent along each in-plane axis, the median over slices (robust to a few
     # slices with arms or shoulders), and the middle of the scan along the slices
-    per_slice = [((np.flatnonzero(b.any(axis=0))[[0, -1]].mean()), np.flatnonzero(b.any(axis=1))[[0, -1]].mean())
-                 for b in full if b.any()]
-    centre_ijk = np.array([np.median([p[0] for p in per_slice]), np.median([p[1] for p in per_slice]),
-                           (zz.min() + zz.max()) / 2.0])
+    per_slice = [
+        ((np.flatnonzero(b.any(axis=0))[[0, -1]].mean()), np.flatnonzero(b.any(axis=1))[[0, -1]].mean())
+        for b in full
+        if b.any()
+    ]
+    centre_ijk = np.array(
+        [np.median([p[0] for p in per_slice]), np.median([p[1] for p in per_slice]), (zz.min() + zz.max()) / 2.0]
+    )
     iso = _ras_points(img, centre_ijk[None])[0]
     info["body_centre_ras_mm"] = [float(v) for v in iso]
     info["cropped_shape_xyz"] = [int(v) for v in cropped.GetSize()]
@@ -363,7 +404,9 @@ def prepare_ct(ct_hu: sitk.Image, settings: RegistrationSettings = RegistrationS
         else:
             info.setdefault("warnings", []).append(
                 f"none of the vertebrae {', '.join(settings.roi_vertebrae)} is labelled"
-                + ("" if labels is not None else " (no segmentation given)") + f": the {info['roi']} region is used")
+                + ("" if labels is not None else " (no segmentation given)")
+                + f": the {info['roi']} region is used"
+            )
     elif settings.roi == "full":
         box, centre, info["roi"] = None, iso, "full"
     for w in info.get("warnings", []):
@@ -371,7 +414,9 @@ def prepare_ct(ct_hu: sitk.Image, settings: RegistrationSettings = RegistrationS
     info["isocenter_ras_mm"] = [float(v) for v in centre]
     inset = settings.scan_end_margin_mm / cropped.GetSpacing()[2]
     size = np.array(cropped.GetSize(), dtype=np.float64)
-    scan = _ras_points(cropped, np.array([[-0.5, -0.5, inset - 0.5], [size[0] - 0.5, size[1] - 0.5, size[2] - 0.5 - inset]]))
+    scan = _ras_points(
+        cropped, np.array([[-0.5, -0.5, inset - 0.5], [size[0] - 0.5, size[1] - 0.5, size[2] - 0.5 - inset]])
+    )
     scan_box = np.stack([scan.min(axis=0), scan.max(axis=0)]) if size[2] > 2 * inset + 2 else None
     return PreparedCT(cropped, np.asarray(centre, dtype=np.float64), iso, box, info, scan_box)
 
@@ -386,14 +431,18 @@ def _vertebrae_box(labels: sitk.Image, names: Sequence[str]) -> tuple[np.ndarray
     if not found:
         return None
     idx = np.argwhere(np.isin(arr, [values[n] for n in found]))
-    corners = np.array([[x, y, z] for x, y, z in itertools.product(*zip(idx.min(axis=0)[::-1] - 0.5,
-                                                                          idx.max(axis=0)[::-1] + 0.5))])
+    corners = np.array(
+        [[x, y, z] for x, y, z in itertools.product(*zip(idx.min(axis=0)[::-1] - 0.5, idx.max(axis=0)[::-1] + 0.5))]
+    )
     ras = _ras_points(labels, corners)
     return np.stack([ras.min(axis=0), ras.max(axis=0)]), found
 
 
-def initial_pose(xray_summary: dict[str, Any], settings: RegistrationSettings = RegistrationSettings(),
-                 prepared: PreparedCT | None = None) -> Pose:
+def initial_pose(
+    xray_summary: dict[str, Any],
+    settings: RegistrationSettings = RegistrationSettings(),
+    prepared: PreparedCT | None = None,
+) -> Pose:
     """The pose the radiograph's DICOM geometry implies.
 
     The source sits ``DistanceSourceToPatient`` (0018,1111) from the body
@@ -409,16 +458,20 @@ def initial_pose(xray_summary: dict[str, Any], settings: RegistrationSettings = 
     """
     sdd = xray_summary.get("sdd_mm")
     if not sdd or not sdd > 0:
-        raise InputError("the radiograph records no source-to-detector distance (DistanceSourceToDetector "
-                         "(0018,1110)); give it in the samples sheet column 'sdd_mm' or ingest.xray.default_sdd_mm")
+        raise InputError(
+            "the radiograph records no source-to-detector distance (DistanceSourceToDetector "
+            "(0018,1110)); give it in the samples sheet column 'sdd_mm' or ingest.xray.default_sdd_mm"
+        )
     acq = xray_summary.get("acquisition", {})
     sid = acq.get("DistanceSourceToPatient")
     if sid is None or not float(sid) > 0:
         sid = float(sdd) - settings.default_object_detector_mm
     sid = float(sid)
     if not 0 < sid < float(sdd):
-        raise InputError(f"source-to-patient distance {sid:.0f} mm is not between 0 and the source-to-detector "
-                         f"distance {float(sdd):.0f} mm; the radiograph's geometry is unusable")
+        raise InputError(
+            f"source-to-patient distance {sid:.0f} mm is not between 0 and the source-to-detector "
+            f"distance {float(sdd):.0f} mm; the radiograph's geometry is unusable"
+        )
     view = str(acq.get("ViewPosition", "PA")).upper()
     pose = Pose.nominal(sid, "AP" if view == "AP" else "PA")
     if prepared is None:
@@ -500,8 +553,9 @@ def _n_samples(subject: Any, camera: Camera, pose: Pose, oversample: float) -> i
     return max(8, int(math.ceil(_max_chord_mm(subject, camera, pose) / spacing * oversample)))
 
 
-def _roi_box(prepared: PreparedCT, camera: Camera, pose: Pose, settings: RegistrationSettings,
-             margin_mm: float | None = None) -> tuple[int, int, int, int]:
+def _roi_box(
+    prepared: PreparedCT, camera: Camera, pose: Pose, settings: RegistrationSettings, margin_mm: float | None = None
+) -> tuple[int, int, int, int]:
     """Detector ``[r0, r1, c0, c1]`` where the region of interest projects under ``pose``, padded; the whole detector without one."""
     h, w = camera.shape
     if prepared.roi_box_ras_mm is None or settings.roi == "full":
@@ -517,8 +571,12 @@ def _roi_box(prepared: PreparedCT, camera: Camera, pose: Pose, settings: Registr
         # only rays that cross the whole scanned range: past its ends (the slice planes) the radiograph
         # shows anatomy the CT lacks. Each end plane projects to a band of rows; keep the rows between them.
         (x0, y0, z0), (x1, y1, z1) = prepared.scan_box_ras_mm
-        ends = [project_points(np.array([[x, y, z] for x in (x0, x1) for y in (y0, y1)]), camera, pose,
-                               prepared.isocenter_ras_mm)[:, 0] for z in (z0, z1)]
+        ends = [
+            project_points(
+                np.array([[x, y, z] for x in (x0, x1) for y in (y0, y1)]), camera, pose, prepared.isocenter_ras_mm
+            )[:, 0]
+            for z in (z0, z1)
+        ]
         first, second = sorted(ends, key=np.mean)
         lo_rc[0], hi_rc[0] = max(lo_rc[0], first.max()), min(hi_rc[0], second.min())
     r0 = int(np.clip(np.floor(lo_rc[0]), 0, h - 1))
@@ -560,7 +618,11 @@ def register(
     if radiograph.shape != tuple(camera.shape):
         raise ValueError(f"radiograph shape {radiograph.shape} differs from the camera {camera.shape}")
     prepared = ct if isinstance(ct, PreparedCT) else prepare_ct(ct, settings)
-    device = torch.device(device) if device is not None else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    device = (
+        torch.device(device)
+        if device is not None
+        else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    )
     sim_fn = SIMILARITIES[settings.similarity]
     fixed_full = torch.as_tensor(np.ascontiguousarray(radiograph), dtype=torch.float32)[None, None]
     sid = float(np.linalg.norm(init.translation_mm))
@@ -571,6 +633,7 @@ def register(
     history: list[dict[str, Any]] = []
     best_sim = -math.inf
     roi_full: tuple[int, int, int, int] = (0, camera.shape[0], 0, camera.shape[1])
+    base = max(1.0, settings.detector_pitch_mm / min(camera.pixel_spacing_mm))  # radiograph pixels per working pixel
     carried: np.ndarray | None = None
 
     def evaluate(subject: Any, cam: Camera, fixed: torch.Tensor, n: int, deltas: Sequence[np.ndarray]) -> np.ndarray:
@@ -585,12 +648,16 @@ def register(
         evaluations += len(poses)
         return np.nan_to_num(values, nan=-1.0)
 
-    def level_setup(factor: float, roi: bool, margin_mm: float | None = None
-                    ) -> tuple[Any, Camera, torch.Tensor, int, tuple[int, int, int, int]]:
+    def level_setup(
+        factor: float, roi: bool, margin_mm: float | None = None
+    ) -> tuple[Any, Camera, torch.Tensor, int, tuple[int, int, int, int]]:
         cam = camera.scaled(factor)
         fixed = _resize(fixed_full, cam.shape).to(device)
-        box = (_roi_box(prepared, cam, _apply(init, best, basis), settings, margin_mm) if roi
-               else (0, cam.shape[0], 0, cam.shape[1]))
+        box = (
+            _roi_box(prepared, cam, _apply(init, best, basis), settings, margin_mm)
+            if roi
+            else (0, cam.shape[0], 0, cam.shape[1])
+        )
         r0, r1, c0, c1 = box
         cam_roi = cam.crop((r0, r1), (c0, c1))
         subject = prepared.subject(_volume_factors(prepared.image, cam, sid), device)
@@ -598,18 +665,22 @@ def register(
         return subject, cam_roi, fixed[..., r0:r1, c0:c1].contiguous(), n, box
 
     if settings.search_shift_mm > 0:
-        subject, cam, fixed, n, _ = level_setup(settings.levels[0].detector_factor * 2, roi=False)
+        subject, cam, fixed, n, _ = level_setup(base * settings.levels[0].detector_factor * 2, roi=False)
         steps = np.arange(-settings.search_shift_mm, settings.search_shift_mm + 1e-6, settings.search_step_mm)
         grid = [np.array([0, 0, 0, dx, 0, dz], dtype=np.float64) for dx, dz in itertools.product(steps, steps)]
         values = np.concatenate([evaluate(subject, cam, fixed, n, grid[k : k + 64]) for k in range(0, len(grid), 64)])
         best = grid[int(np.argmax(values))].copy()
         best_sim = float(values.max())
-        history.append({"level": "grid", "shape": list(cam.shape), "best_similarity": best_sim, "evaluations": len(grid)})
+        history.append(
+            {"level": "grid", "shape": list(cam.shape), "best_similarity": best_sim, "evaluations": len(grid)}
+        )
 
     for i, level in enumerate(settings.levels):
-        subject, cam, fixed, n, box = level_setup(level.detector_factor, roi=True, margin_mm=level.roi_margin_mm)
-        scale = np.array([level.sigma_rot_deg] * 3
-                         + [level.sigma_trans_mm, level.sigma_trans_mm * settings.depth_scale, level.sigma_trans_mm])
+        subject, cam, fixed, n, box = level_setup(base * level.detector_factor, roi=True, margin_mm=level.roi_margin_mm)
+        scale = np.array(
+            [level.sigma_rot_deg] * 3
+            + [level.sigma_trans_mm, level.sigma_trans_mm * settings.depth_scale, level.sigma_trans_mm]
+        )
         lo, hi = (-bounds - best) / scale, (bounds - best) / scale
         cov = None
         if carried is not None and settings.carry_covariance:
@@ -620,8 +691,14 @@ def register(
             corr = carried / np.outer(std, std)
             std = np.clip(2.0 * std / scale, 0.3, 1.0)
             cov = corr * np.outer(std, std)
-        opt = CMA(mean=np.zeros(6), sigma=1.0, bounds=np.stack([np.minimum(lo, -1e-3), np.maximum(hi, 1e-3)], axis=1),
-                  population_size=settings.population, seed=settings.seed + i, cov=cov)
+        opt = CMA(
+            mean=np.zeros(6),
+            sigma=1.0,
+            bounds=np.stack([np.minimum(lo, -1e-3), np.maximum(hi, 1e-3)], axis=1),
+            population_size=settings.population,
+            seed=settings.seed + i,
+            cov=cov,
+        )
         level_best, level_x = float(evaluate(subject, cam, fixed, n, [best])[0]), np.zeros(6)
         used, generations, last_gain = 1, 0, 0
         for g in range(level.generations):
@@ -639,12 +716,26 @@ def register(
                 break
         best = best + level_x * scale
         best_sim = level_best
-        carried = (opt._sigma ** 2) * opt._C * np.outer(scale, scale)  # covariance of the search, physical units
+        carried = (opt._sigma**2) * opt._C * np.outer(scale, scale)  # covariance of the search, physical units
         r0, r1, c0, c1 = box
-        f = level.detector_factor
-        roi_full = (int(r0 * f), int(min(camera.shape[0], round(r1 * f))), int(c0 * f), int(min(camera.shape[1], round(c1 * f))))
-        history.append({"level": i, "shape": list(cam.shape), "roi_rows_cols": list(box), "ray_samples": n,
-                        "best_similarity": best_sim, "evaluations": used, "generations": generations})
+        f = base * level.detector_factor
+        roi_full = (
+            int(r0 * f),
+            int(min(camera.shape[0], round(r1 * f))),
+            int(c0 * f),
+            int(min(camera.shape[1], round(c1 * f))),
+        )
+        history.append(
+            {
+                "level": i,
+                "shape": list(cam.shape),
+                "roi_rows_cols": list(box),
+                "ray_samples": n,
+                "best_similarity": best_sim,
+                "evaluations": used,
+                "generations": generations,
+            }
+        )
 
     # how sharply the similarity peaks (recorded for QC): its mean drop for ±1 mm in-plane shifts, the
     # weaker of x and z; a flat peak means the region holds little structure
@@ -657,19 +748,34 @@ def register(
     if at_bound.any():
         status = "failed"
         names = [f"{n} {v:+.1f}" for n, v, b in zip(PARAMETER_NAMES, best, at_bound) if b]
-        reason = (f"the optimum lies on the search bound ({', '.join(names)} from the initial pose): the pose is outside "
-                  "the search range (register.max_rot_deg / max_shift_mm / max_depth_mm), the registration diverged, "
-                  "or the radiograph and the CT do not match")
+        reason = (
+            f"the optimum lies on the search bound ({', '.join(names)} from the initial pose): the pose is outside "
+            "the search range (register.max_rot_deg / max_shift_mm / max_depth_mm), the registration diverged, "
+            "or the radiograph and the CT do not match"
+        )
     elif best_sim < settings.min_similarity:
         status = "failed"
-        reason = (f"final {settings.similarity} similarity {best_sim:.3f} is below the bound {settings.min_similarity} "
-                  "(register.min_similarity): the radiograph and the CT may not match (another patient or body part), "
-                  "the region of interest shows too little structure, or the pose lies outside the search range "
-                  "(register.max_rot_deg / max_shift_mm / max_depth_mm from the DICOM geometry)")
+        reason = (
+            f"final {settings.similarity} similarity {best_sim:.3f} is below the bound {settings.min_similarity} "
+            "(register.min_similarity): the radiograph and the CT may not match (another patient or body part), "
+            "the region of interest shows too little structure, or the pose lies outside the search range "
+            "(register.max_rot_deg / max_shift_mm / max_depth_mm from the DICOM geometry)"
+        )
     iso_t = torch.as_tensor(prepared.isocenter_ras_mm, dtype=torch.float64)
     c2w = _rt_inv([pose], iso_t)[0].numpy().tolist()
-    return RegistrationResult(pose, [float(v) for v in prepared.isocenter_ras_mm], c2w, float(best_sim), evaluations,
-                              time.perf_counter() - start, status, reason, list(roi_full), history, sharpness)
+    return RegistrationResult(
+        pose,
+        [float(v) for v in prepared.isocenter_ras_mm],
+        c2w,
+        float(best_sim),
+        evaluations,
+        time.perf_counter() - start,
+        status,
+        reason,
+        list(roi_full),
+        history,
+        sharpness,
+    )
 
 
 # --- errors against a known pose ---------------------------------------------------
@@ -697,7 +803,9 @@ def mean_projection_distance(
     return float((np.linalg.norm((a - b) * pitch, axis=1) * depth / camera.sdd_mm).mean())
 
 
-def target_registration_error(points_ras_mm: np.ndarray, estimated_c2w: np.ndarray, true_c2w: np.ndarray) -> dict[str, float]:
+def target_registration_error(
+    points_ras_mm: np.ndarray, estimated_c2w: np.ndarray, true_c2w: np.ndarray
+) -> dict[str, float]:
     """3-D error of the registration at points: where the estimated pose puts them vs where they are.
 
     A point ``p`` seen through the estimated camera sits at camera
@@ -721,8 +829,11 @@ def target_registration_error(points_ras_mm: np.ndarray, estimated_c2w: np.ndarr
     view = t[:3, :3] @ np.array([0.0, 0.0, 1.0])  # camera +z: source → detector
     depth = err @ view
     inplane = err - depth[:, None] * view
-    return {"mtre_mm": float(np.linalg.norm(err, axis=1).mean()), "depth_mm": float(np.abs(depth).mean()),
-            "inplane_mm": float(np.linalg.norm(inplane, axis=1).mean())}
+    return {
+        "mtre_mm": float(np.linalg.norm(err, axis=1).mean()),
+        "depth_mm": float(np.abs(depth).mean()),
+        "inplane_mm": float(np.linalg.norm(inplane, axis=1).mean()),
+    }
 
 
 # --- the workflow stage -------------------------------------------------------------
@@ -811,12 +922,25 @@ def register_patient(
             result = register(prepared[0], image, camera, init, settings, device=device)
             if result.status != "ok":
                 log.warning("register %s %s: %s", patient, view, result.reason)
-            record = {"stage": "register", "patient_id": patient, "view": view, "status": result.status,
-                      "reason": result.reason, "code_version": STAGE_VERSION, "bmdpipe_version": __version__,
-                      "similarity_measure": settings.similarity, "min_similarity": settings.min_similarity,
-                      "camera": {"sdd_mm": camera.sdd_mm, "pixel_spacing_mm": list(camera.pixel_spacing_mm),
-                                 "shape_rows_cols": list(camera.shape)},
-                      "initial_pose": asdict(init), "ct": prepared[0].info, **result.to_json()}
+            record = {
+                "stage": "register",
+                "patient_id": patient,
+                "view": view,
+                "status": result.status,
+                "reason": result.reason,
+                "code_version": STAGE_VERSION,
+                "bmdpipe_version": __version__,
+                "similarity_measure": settings.similarity,
+                "min_similarity": settings.min_similarity,
+                "camera": {
+                    "sdd_mm": camera.sdd_mm,
+                    "pixel_spacing_mm": list(camera.pixel_spacing_mm),
+                    "shape_rows_cols": list(camera.shape),
+                },
+                "initial_pose": asdict(init),
+                "ct": prepared[0].info,
+                **result.to_json(),
+            }
             write_json(path, record)
 
         stage.attempt(run, path, view=view)
@@ -826,8 +950,14 @@ def register_patient(
     return summaries
 
 
-def qc_figure(prepared: PreparedCT, xray_dir: Path, summaries: dict[str, dict[str, Any]], path: Path, *,
-              device: torch.device | str | None = None) -> None:
+def qc_figure(
+    prepared: PreparedCT,
+    xray_dir: Path,
+    summaries: dict[str, dict[str, Any]],
+    path: Path,
+    *,
+    device: torch.device | str | None = None,
+) -> None:
     """PNG per patient: each radiograph with the edges of the DRR at the found pose (red) and the similarity ROI."""
     import matplotlib
 
@@ -847,11 +977,19 @@ def qc_figure(prepared: PreparedCT, xray_dir: Path, summaries: dict[str, dict[st
             ax.set_title(f"{view}: no radiograph", fontsize=8)
             continue
         image, _ = load_xray(xray_dir / f"{view}.nii.gz")
+        f = max(1.0, max(image.shape) / 480)  # a clinical radiograph is drawn (and its DRR rendered) coarser
+        if f > 1:
+            shape = (max(1, round(image.shape[0] / f)), max(1, round(image.shape[1] / f)))
+            image = _resize(torch.as_tensor(image, dtype=torch.float32)[None, None], shape)[0, 0].numpy()
         ax.imshow(image, cmap="gray")
         if "pose" in s:
-            camera = Camera(s["camera"]["sdd_mm"], tuple(s["camera"]["pixel_spacing_mm"]), tuple(s["camera"]["shape_rows_cols"]))
+            camera = Camera(
+                s["camera"]["sdd_mm"], tuple(s["camera"]["pixel_spacing_mm"]), tuple(s["camera"]["shape_rows_cols"])
+            ).scaled(f)
             pose = Pose(tuple(s["pose"]["rotation_deg"]), tuple(s["pose"]["translation_mm"]), s["pose"]["orientation"])
-            subject = prepared.subject(_volume_factors(prepared.image, camera, float(np.linalg.norm(pose.translation_mm))), device)
+            subject = prepared.subject(
+                _volume_factors(prepared.image, camera, float(np.linalg.norm(pose.translation_mm))), device
+            )
             with torch.no_grad():
                 drr = render_slices(subject, camera, pose)
                 gx, gy = image_gradients(drr)
@@ -861,7 +999,7 @@ def qc_figure(prepared: PreparedCT, xray_dir: Path, summaries: dict[str, dict[st
             overlay[edges > thr] = (1.0, 0.1, 0.1, 0.55)
             ax.imshow(overlay, extent=(0.5, edges.shape[1] + 0.5, edges.shape[0] + 0.5, 0.5))
             if s.get("roi_rows_cols"):
-                r0, r1, c0, c1 = s["roi_rows_cols"]
+                r0, r1, c0, c1 = (v / f for v in s["roi_rows_cols"])
                 ax.add_patch(plt.Rectangle((c0 - 0.5, r0 - 0.5), c1 - c0, r1 - r0, fill=False, color="yellow", lw=0.8))
             title = f"{view}: {s.get('similarity_measure', '')} {s['similarity']:.3f} {s['status']}"
         else:

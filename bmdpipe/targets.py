@@ -36,7 +36,15 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from bmdpipe.drr import MG_CM3_MM_TO_G_CM2, Camera, Pose, project_points, render, render_slices, volume_from_sitk
+from bmdpipe.drr import (
+    MG_CM3_MM_TO_G_CM2,
+    Camera,
+    Pose,
+    project_points,
+    render,
+    render_slices,
+    volume_from_sitk,
+)
 from bmdpipe.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -87,7 +95,9 @@ class TargetSettings:
 # --- geometry ---------------------------------------------------------------------
 
 
-def widen_to_aspect(box: Sequence[float], aspect_rows_per_col: float, shape: tuple[int, int]) -> tuple[int, int, int, int]:
+def widen_to_aspect(
+    box: Sequence[float], aspect_rows_per_col: float, shape: tuple[int, int]
+) -> tuple[int, int, int, int]:
     """Grow ``[r0, r1, c0, c1]`` about its centre to ``rows/cols = aspect`` (in pixels), kept inside ``shape`` where it fits.
 
     Returns:
@@ -111,12 +121,18 @@ def target_camera(camera: Camera, box: Sequence[int], size: tuple[int, int]) -> 
     r0, r1, c0, c1 = box
     crop = camera.crop((r0, r1), (c0, c1))
     dy, dx = camera.pixel_spacing_mm
-    return replace(crop, shape=(int(size[0]), int(size[1])),
-                   pixel_spacing_mm=(dy * (r1 - r0) / size[0], dx * (c1 - c0) / size[1]))
+    return replace(
+        crop, shape=(int(size[0]), int(size[1])), pixel_spacing_mm=(dy * (r1 - r0) / size[0], dx * (c1 - c0) / size[1])
+    )
 
 
-def field_box(camera: Camera, pose: Pose, isocenter_mm: Sequence[float], settings: TargetSettings,
-              vertebra_points_ras_mm: np.ndarray | None) -> tuple[int, int, int, int]:
+def field_box(
+    camera: Camera,
+    pose: Pose,
+    isocenter_mm: Sequence[float],
+    settings: TargetSettings,
+    vertebra_points_ras_mm: np.ndarray | None,
+) -> tuple[int, int, int, int]:
     """The crop box ``[r0, r1, c0, c1]`` on the radiograph (see :class:`TargetSettings`).
 
     Raises:
@@ -128,16 +144,20 @@ def field_box(camera: Camera, pose: Pose, isocenter_mm: Sequence[float], setting
     if settings.field == "image":
         return _centred_inside(camera.shape, aspect)
     if vertebra_points_ras_mm is None or len(vertebra_points_ras_mm) == 0:
-        raise InputError(f"none of the target vertebrae {', '.join(settings.vertebrae)} (targets.vertebrae) is in the "
-                         "segmentation: the field cannot be placed; segment them or use targets.field: image")
+        raise InputError(
+            f"none of the target vertebrae {', '.join(settings.vertebrae)} (targets.vertebrae) is in the "
+            "segmentation: the field cannot be placed; segment them or use targets.field: image"
+        )
     rc = project_points(vertebra_points_ras_mm, camera, pose, isocenter_mm)
     sid = float(np.linalg.norm(pose.translation_mm))
     margin = settings.margin_mm * camera.sdd_mm / sid / np.array(camera.pixel_spacing_mm)
     r0, c0 = rc.min(axis=0) + 0.5 - margin
     r1, c1 = rc.max(axis=0) + 0.5 + margin
     if r1 <= 0 or c1 <= 0 or r0 >= h or c0 >= w:
-        raise InputError(f"the target vertebrae project outside the radiograph (rows {r0:.0f}–{r1:.0f}, columns "
-                         f"{c0:.0f}–{c1:.0f} of {h}×{w}): is this radiograph of the spine?")
+        raise InputError(
+            f"the target vertebrae project outside the radiograph (rows {r0:.0f}–{r1:.0f}, columns "
+            f"{c0:.0f}–{c1:.0f} of {h}×{w}): is this radiograph of the spine?"
+        )
     r0, r1, c0, c1 = max(r0, 0.0), min(r1, float(h)), max(c0, 0.0), min(c1, float(w))
     return widen_to_aspect((r0, r1, c0, c1), aspect, camera.shape)
 
@@ -165,8 +185,14 @@ def crop_resize(image: np.ndarray, box: Sequence[int], size: tuple[int, int]) ->
 # --- projections --------------------------------------------------------------------
 
 
-def masked_density_subject(density: sitk.Image, mask: np.ndarray, *, clip_negative: bool,
-                           isocenter_mm: Sequence[float], device: torch.device | str | None = None) -> Any | None:
+def masked_density_subject(
+    density: sitk.Image,
+    mask: np.ndarray,
+    *,
+    clip_negative: bool,
+    isocenter_mm: Sequence[float],
+    device: torch.device | str | None = None,
+) -> Any | None:
     """nanodrr Subject of ``density`` × ``mask`` (mg/cm³), cropped to the mask's bounding box; None for an empty mask.
 
     Args:
@@ -181,7 +207,7 @@ def masked_density_subject(density: sitk.Image, mask: np.ndarray, *, clip_negati
     nz = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
     lo = [max(int(n[0]) - 1, 0) for n in nz]
     hi = [min(int(n[-1]) + 2, s) for n, s in zip(nz, arr.shape)]
-    sub = sitk.GetImageFromArray(np.ascontiguousarray(arr[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]))
+    sub = sitk.GetImageFromArray(np.ascontiguousarray(arr[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]))
     sub.SetSpacing(density.GetSpacing())
     sub.SetDirection(density.GetDirection())
     sub.SetOrigin(density.TransformIndexToPhysicalPoint([lo[2], lo[1], lo[0]]))
@@ -254,11 +280,15 @@ def make_targets(
         InputError: the label map or ROI is not on the density's grid.
     """
     for name, img in (("bone labels", bone_labels), ("clinical ROI", roi)):
-        if img is not None and (img.GetSize() != density.GetSize()
-                                or not np.allclose(img.GetOrigin(), density.GetOrigin(), atol=1e-2)
-                                or not np.allclose(img.GetSpacing(), density.GetSpacing(), rtol=1e-4)):
-            raise InputError(f"the {name} ({img.GetSize()}) and the calibrated CT ({density.GetSize()}) are not on one "
-                             "grid; both must come from the patient's ingested CT")
+        if img is not None and (
+            img.GetSize() != density.GetSize()
+            or not np.allclose(img.GetOrigin(), density.GetOrigin(), atol=1e-2)
+            or not np.allclose(img.GetSpacing(), density.GetSpacing(), rtol=1e-4)
+        ):
+            raise InputError(
+                f"the {name} ({img.GetSize()}) and the calibrated CT ({density.GetSize()}) are not on one "
+                "grid; both must come from the patient's ingested CT"
+            )
     excluded: dict[str, str] = {}
     ok = {v: r for v, r in registrations.items() if r.get("status") == "ok"}
     for v, r in registrations.items():
@@ -279,15 +309,21 @@ def make_targets(
     roi_arr = sitk.GetArrayFromImage(roi) if roi is not None else np.zeros(bone.shape, np.uint8)
     site_values = [int(v) for v in np.unique(roi_arr) if v != 0]
     masks = [("bone", bone), ("roi", roi_arr > 0)] + [(f"site_{v}", roi_arr == v) for v in site_values]
-    subjects = {name: masked_density_subject(density, m, clip_negative=settings.clip_negative, isocenter_mm=iso, device=device)
-                for name, m in masks}
+    subjects = {
+        name: masked_density_subject(density, m, clip_negative=settings.clip_negative, isocenter_mm=iso, device=device)
+        for name, m in masks
+    }
     site_names = [_label_name(v) for v in site_values]
     points = vertebra_points(bone_labels, settings.vertebrae, step=7) if settings.field == "vertebrae" else None
     out: dict[str, dict[str, Any]] = {}
     for view, reg in ok.items():
         cam_json = reg["camera"]
-        camera = Camera(float(cam_json["sdd_mm"]), tuple(cam_json["pixel_spacing_mm"]), tuple(cam_json["shape_rows_cols"]))
-        pose = Pose(tuple(reg["pose"]["rotation_deg"]), tuple(reg["pose"]["translation_mm"]), reg["pose"]["orientation"])
+        camera = Camera(
+            float(cam_json["sdd_mm"]), tuple(cam_json["pixel_spacing_mm"]), tuple(cam_json["shape_rows_cols"])
+        )
+        pose = Pose(
+            tuple(reg["pose"]["rotation_deg"]), tuple(reg["pose"]["translation_mm"]), reg["pose"]["orientation"]
+        )
         iso_v = reg["isocenter_ras_mm"]
         if not np.allclose(iso_v, iso, atol=1e-3):
             raise ValueError("the views of one patient were registered about different isocentres")
@@ -305,13 +341,17 @@ def make_targets(
             "xray": crop_resize(image, box, settings.size),
             "bone": project(subjects["bone"], tcam, pose, settings.ray_oversample),
             "roi": project(subjects["roi"], tcam, pose, settings.ray_oversample),
-            "roi_sites": np.stack([project(subjects[f"site_{v}"], tcam, pose, settings.ray_oversample) for v in site_values])
-            if site_values else np.zeros((0, *settings.size), np.float32),
+            "roi_sites": np.stack(
+                [project(subjects[f"site_{v}"], tcam, pose, settings.ray_oversample) for v in site_values]
+            )
+            if site_values
+            else np.zeros((0, *settings.size), np.float32),
             "roi_site_names": np.array(site_names, dtype=str),
             "crop_box_rows_cols": np.array(box, dtype=np.int64),
             "pixel_spacing_mm": np.array(tcam.pixel_spacing_mm, dtype=np.float64),
             "pixel_spacing_isocenter_mm": np.array(tcam.pixel_spacing_mm, dtype=np.float64)
-            * float(np.linalg.norm(pose.translation_mm)) / camera.sdd_mm,
+            * float(np.linalg.norm(pose.translation_mm))
+            / camera.sdd_mm,
             "sdd_mm": np.float64(camera.sdd_mm),
             "pose_rotation_deg": np.array(pose.rotation_deg),
             "pose_translation_mm": np.array(pose.translation_mm),
@@ -376,7 +416,9 @@ def targets_patient(
     registrations = {p.stem: json.loads(p.read_text()) for p in sorted(register_dir.glob("*.json"))}
     if not registrations:
         raise InputError(f"{register_dir}: no registration summary")
-    radiographs = {v: load_xray(xray_dir / f"{v}.nii.gz")[0] for v in registrations if (xray_dir / f"{v}.nii.gz").exists()}
+    radiographs = {
+        v: load_xray(xray_dir / f"{v}.nii.gz")[0] for v in registrations if (xray_dir / f"{v}.nii.gz").exists()
+    }
     density = sitk.ReadImage(str(cal_dir / "bmd.nii.gz"))
     labels = sitk.ReadImage(str(seg_dir / "labels.nii.gz"))
     targets, excluded = make_targets(density, labels, roi, registrations, radiographs, settings, device=device)
@@ -392,12 +434,21 @@ def targets_patient(
         log.warning("targets %s %s left out: %s", patient, view, reason)
     for w in warnings:
         log.warning("targets %s: %s", patient, w)
-    summary = {"stage": "targets", "patient_id": patient, "status": "ok", "reason": "", "code_version": STAGE_VERSION,
-               "bmdpipe_version": __version__, "settings": asdict(settings), "views": sorted(targets),
-               "excluded": excluded, "warnings": warnings,
-               "roi_sites": [str(n) for n in next(iter(targets.values()))["roi_site_names"]],
-               "bone_mean_g_cm2": {v: float(t["bone"].mean()) for v, t in targets.items()},
-               "roi_max_g_cm2": {v: float(t["roi"].max()) for v, t in targets.items()}}
+    summary = {
+        "stage": "targets",
+        "patient_id": patient,
+        "status": "ok",
+        "reason": "",
+        "code_version": STAGE_VERSION,
+        "bmdpipe_version": __version__,
+        "settings": asdict(settings),
+        "views": sorted(targets),
+        "excluded": excluded,
+        "warnings": warnings,
+        "roi_sites": [str(n) for n in next(iter(targets.values()))["roi_site_names"]],
+        "bone_mean_g_cm2": {v: float(t["bone"].mean()) for v, t in targets.items()},
+        "roi_max_g_cm2": {v: float(t["roi"].max()) for v, t in targets.items()},
+    }
     write_json(out / "targets.json", summary)
     return summary
 

@@ -10,6 +10,11 @@ from bmdpipe import samples as sample_sheet
 from bmdpipe.io import ct as ct_io
 from bmdpipe.io import xray as xray_io
 from bmdpipe import calibrate as calibrate_stage
+from bmdpipe import roi as roi_stage
+from bmdpipe import register as register_stage
+from bmdpipe import targets as targets_stage
+from bmdpipe import segment as segment_stage
+from bmdpipe import segment_unet
 
 
 validate(config, "../schemas/config.schema.yaml")
@@ -98,6 +103,77 @@ def get_calibration_method(wildcards):
     if "calibration" in rows and not rows.calibration.isna().iloc[0] and rows.calibration.iloc[0]:
         return rows.calibration.iloc[0]
     return config["calibrate"]["method"]
+
+
+
+def _sheet_value(row, column):
+    value = row.get(column)
+    return None if value is None or value != value or str(value).strip() in ("", "nan") else str(value)
+
+
+def labelled_patients():
+    """Patients whose sheet row supplies a CT label map: patient_id → {labels, label_table}."""
+    out = {}
+    for _, row in SAMPLES.drop_duplicates("patient_id").iterrows():
+        labels = _sheet_value(row, "ct_labels")
+        if labels:
+            out[row["patient_id"]] = {"labels": labels, "label_table": _sheet_value(row, "label_table")}
+    return out
+
+
+LABELLED = labelled_patients()
+#: The segmentation U-Net: a configured trained model, else the one rule train_segmenter makes.
+SEGMENTER = config["segment"]["unet"]["model"] or "results/models/segmenter"
+SEGMENT_GPUS = 1 if config["segment"]["device"] == "cuda" else 0
+
+
+def get_segment_method(wildcards):
+    """segment.method for a patient, 'auto' resolved: supplied labels, else the U-Net, else threshold."""
+    has_model = bool(LABELLED) or bool(config["segment"]["unet"]["model"])
+    return segment_stage.resolve_method(
+        config["segment"]["method"], has_labels=wildcards.patient in LABELLED, has_model=has_model
+    )
+
+
+def get_segment_input(wildcards):
+    """The CT, plus the label map and table (supplied) or the trained model folder (unet)."""
+    inputs = {"ct": f"results/ct/{wildcards.patient}"}
+    method = get_segment_method(wildcards)
+    if method == "supplied" and wildcards.patient in LABELLED:
+        inputs.update({k: v for k, v in LABELLED[wildcards.patient].items() if v})
+    elif method == "unet":
+        inputs["model"] = SEGMENTER
+    return inputs
+
+
+def get_segmenter_training_cases(wildcards):
+    """Training cases of the U-Net: each labelled patient's ingested CT, label map and table."""
+    return [
+        {
+            "patient_id": p,
+            "ct": f"results/ct/{p}/ct.nii.gz",
+            "upstream": f"results/ct/{p}/ct.json",
+            "labels": v["labels"],
+            "label_table": v["label_table"],
+        }
+        for p, v in LABELLED.items()
+    ]
+
+
+def get_segmenter_training_input(wildcards):
+    return {
+        "ct": [f"results/ct/{p}" for p in LABELLED],
+        "labels": [v["labels"] for v in LABELLED.values()],
+        "tables": sorted({v["label_table"] for v in LABELLED.values() if v["label_table"]}),
+    }
+
+
+def get_register_input(wildcards):
+    """Radiographs and CT of a patient, and its bone labels when the registration centres on the target vertebrae."""
+    inputs = {"xray": f"results/xray/{wildcards.patient}", "ct": f"results/ct/{wildcards.patient}"}
+    if config["register"]["roi"] == "vertebrae" and hasattr(rules, "segment"):
+        inputs["segment"] = f"results/segment/{wildcards.patient}"
+    return inputs
 
 
 COHORT_FILES = written_by_cohort_rule()

@@ -6,6 +6,10 @@ rule qc_table:
         ct=expand("results/ct/{patient}", patient=PATIENTS),
         xray=expand("results/xray/{patient}", patient=PATIENTS),
         calibration=expand("results/calibration/{patient}", patient=PATIENTS),
+        segment=expand("results/segment/{patient}", patient=PATIENTS),
+        roi=expand("results/roi/{patient}", patient=PATIENTS),
+        register=expand("results/register/{patient}", patient=PATIENTS),
+        targets=expand("results/targets/{patient}", patient=PATIENTS),
     output:
         "results/qc/patients.tsv",
     log:

