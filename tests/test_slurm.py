@@ -36,9 +36,8 @@ pytestmark = pytest.mark.slow
 SCRIPTS = Path(__file__).resolve().parent / "slurm"
 PROFILE = REPO / "profiles" / "slurm"
 #: Snakemake jobs the cohort below makes: (rule, patient); rule `all` is local.
-EXPECTED_JOBS = {("ingest_ct", p) for p in ("p01", "p02", "p03")} | {
-    ("ingest_xray", p) for p in ("p01", "p02", "p03")
-} | {("calibrate", p) for p in ("p01", "p02", "p03")} | {("qc_table", None)}
+PER_PATIENT = ("ingest_ct", "ingest_xray", "calibrate", "segment", "roi", "register", "targets")
+EXPECTED_JOBS = {(rule, p) for rule in PER_PATIENT for p in ("p01", "p02", "p03")} | {("qc_table", None)}
 #: Keys of the JSON summaries that may differ between two runs of the same input.
 TIMING_KEY = re.compile(r"(^|_)(time|timestamp|date|datetime|seconds|elapsed|duration|runtime)(_|$)", re.I)
 
@@ -87,7 +86,7 @@ def local_run(cohort):
     work = cohort / "work_local"
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", "2",
            "--configfile", str(cohort / "config.yaml"), "--directory", str(work)]
-    proc, seconds = _run(cmd, timeout=600)
+    proc, seconds = _run(cmd, timeout=900)
     print(f"\n[test_slurm] local run (--cores 2): {seconds:.1f} s")
     assert proc.returncode == 0, f"local run exited {proc.returncode}\n{_tail(proc.stdout)}\n{_tail(proc.stderr)}"
     return work
@@ -119,7 +118,7 @@ def slurm_run(local_slurm, cohort):
            "--configfile", str(cohort / "config.yaml"), "--directory", str(work)]
     started = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 5))
     try:
-        proc, seconds = _run(cmd, env=local_slurm["env"], timeout=400)
+        proc, seconds = _run(cmd, env=local_slurm["env"], timeout=1200)
     except subprocess.TimeoutExpired as err:
         log = (local_slurm["dir"] / "log" / "slurmctld.log").read_text()
         raise AssertionError(f"the SLURM run did not finish in {err.timeout} s\n{_tail(str(err.stdout))}\n"
@@ -173,7 +172,7 @@ def test_every_job_went_through_sbatch(slurm_run):
 
 
 def test_per_patient_steps_share_slurm_jobs(slurm_run):
-    """profiles/slurm groups the per-patient steps: 9 per-patient jobs + the QC table make 2 SLURM jobs, not 10.
+    """profiles/slurm groups the per-patient steps: 21 per-patient jobs + the QC table make 2 SLURM jobs, not 22.
 
     The plugin runs a group's jobs one after another, and the profile's group_slots
     resource makes Snakemake ask for exactly that: the largest threads and memory of
@@ -188,9 +187,8 @@ def test_per_patient_steps_share_slurm_jobs(slurm_run):
     assert _jobs_in_slurm_log(log.read_text()) == EXPECTED_JOBS - {("qc_table", None)}
 
     profile = yaml.safe_load((PROFILE / "config.yaml").read_text())["set-resources"]
-    per_patient = ("ingest_ct", "ingest_xray", "calibrate")
-    minutes = sum(3 * profile[rule]["runtime"] for rule in per_patient)
-    mem = max(profile[rule]["mem_mb"] for rule in per_patient)
+    minutes = sum(3 * profile[rule]["runtime"] for rule in PER_PATIENT)
+    mem = max(profile[rule]["mem_mb"] for rule in PER_PATIENT)
     (row,) = _sacct(slurm_run["env"], "-X", "-j", group[0], "-o", "AllocCPUS,ReqMem,Timelimit")
     assert row == ["1", f"{mem}M", f"{minutes // 60:02d}:{minutes % 60:02d}:00"], row
 
@@ -207,7 +205,7 @@ def test_outputs_match_a_local_run(slurm_run, local_run):
     slurm_results, local_results = slurm_run["work"] / "results", local_run / "results"
     qc_slurm = pd.read_csv(slurm_results / "qc" / "patients.tsv", sep="\t", keep_default_na=False)
     qc_local = pd.read_csv(local_results / "qc" / "patients.tsv", sep="\t", keep_default_na=False)
-    assert len(qc_local) == 10
+    assert len(qc_local) == 23  # 7 ingest rows, 4 per patient (calibrate, segment, roi, targets), 4 registrations
     pd.testing.assert_frame_equal(qc_slurm, qc_local)
 
     def products(results):
