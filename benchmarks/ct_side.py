@@ -50,20 +50,13 @@ from bmdpipe.calibrate import (  # noqa: E402
 from bmdpipe.io.ct import read_ct  # noqa: E402
 from bmdpipe.roi import PatientFrame, RoiSpec, measure_spine, roi_ct  # noqa: E402
 from bmdpipe.segment import labels_from_map, read_label_table  # noqa: E402
+from bmdpipe.simulate import truth_labels as simulated_truth_labels  # noqa: E402
 
 
 def truth_labels(root: Path, truth: dict, ct: sitk.Image) -> sitk.Image:
     """The patient's truth label map on its CT grid (bmdpipe scheme), as the segment stage would supply it."""
-    info = truth["labels"]
-    img = sitk.ReadImage(str(root / info["file"]))
-    arr = sitk.GetArrayFromImage(img)
-    if info.get("mirrored"):
-        arr = arr[:, :, ::-1]
-    lab = sitk.GetImageFromArray(np.ascontiguousarray(arr))
-    lab.SetOrigin(img.GetOrigin())
-    lab.SetDirection(img.GetDirection())
-    lab.SetSpacing([float(v) for v in info.get("ct_spacing_mm", img.GetSpacing())])
-    out, _ = labels_from_map(lab, read_label_table(root / "labels" / "structures.csv"), ct)
+    out, _ = labels_from_map(simulated_truth_labels(root, truth["record"]["patient_id"]),
+                             read_label_table(root / "labels" / "structures.csv"), ct)
     return out
 
 

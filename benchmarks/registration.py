@@ -46,6 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, peak_rss_mb  # noqa: E402
+from targets_pipeline import roi_pairs  # noqa: E402
 
 from bmdpipe.calibrate import apply_calibration, calibrate  # noqa: E402
 from bmdpipe.drr import Camera, Pose  # noqa: E402
@@ -61,9 +62,9 @@ from bmdpipe.register import (  # noqa: E402
     target_registration_error,
 )
 from bmdpipe.segment import labels_from_map, read_label_table  # noqa: E402
+from bmdpipe.simulate import truth_labels  # noqa: E402
 from bmdpipe.targets import (  # noqa: E402
     TargetSettings,
-    crop_resize,
     make_targets,
     vertebra_points,
 )
@@ -78,26 +79,6 @@ def true_pose(truth: dict, view: str, isocenter: np.ndarray) -> Pose:
     m = torch.tensor(truth["views"][view]["geometry"]["camera_to_world_ras"], dtype=torch.float64)[None]
     rot, trans = invert_rt_inv(m, "PA", torch.as_tensor(isocenter, dtype=torch.float64))
     return Pose(tuple(rot[0].tolist()), tuple(trans[0].tolist()), "PA")
-
-
-def truth_labels(cohort: Path, truth: dict, ct: sitk.Image) -> sitk.Image:
-    """The patient's true label map (simulator scheme) in the patient's physical space.
-
-    The simulator's label file has the base anatomy's origin and direction;
-    the patient's CT shares them with its own (scaled) spacing, recorded in
-    the truth. The ingested CT may order its slices the other way, so the
-    map is placed by geometry, not by array index (labels_from_map
-    resamples it onto the CT grid).
-    """
-    img = sitk.ReadImage(str(cohort / truth["labels"]["file"]))
-    arr = sitk.GetArrayFromImage(img)
-    if truth["labels"]["mirrored"]:
-        arr = arr[:, :, ::-1]
-    out = sitk.GetImageFromArray(np.ascontiguousarray(arr))
-    out.SetOrigin(img.GetOrigin())
-    out.SetDirection(img.GetDirection())
-    out.SetSpacing([float(v) for v in truth["labels"].get("ct_spacing_mm", ct.GetSpacing())])
-    return out
 
 
 def ingest(cohort: Path, work: Path, pid: str, views: list[str]) -> None:
@@ -174,7 +155,7 @@ def main() -> None:
         t_ingest = time.perf_counter() - t0
         truth = json.loads((cohort / "truth" / f"{pid}.json").read_text())
         ct = sitk.ReadImage(str(work / "ct" / pid / "ct.nii.gz"))
-        labels_truth = truth_labels(cohort, truth, ct)
+        labels_truth = truth_labels(cohort, pid)
         bone_labels, _ = labels_from_map(labels_truth, label_table, ct, source=f"{pid} truth labels")
         labels_of[pid] = bone_labels
         t0 = time.perf_counter()
@@ -257,15 +238,7 @@ def main() -> None:
             targets, excluded = make_targets(density, bone_labels, None, regs, images, tsettings)
             true_npz = np.load(cohort / "truth" / f"{pid}.npz")
             for view, t in targets.items():
-                box = [int(v) for v in t["crop_box_rows_cols"]]
-                truth_frame = crop_resize(true_npz[f"bone_drr_{view}"], box, tsettings.size)
-                sr, sc = tsettings.size[0] / (box[1] - box[0]), tsettings.size[1] / (box[3] - box[2])
-                for name, (r0, r1, c0, c1) in truth["views"][view]["stats"]["roi_boxes"].items():
-                    if r0 < box[0] or r1 > box[1] or c0 < box[2] or c1 > box[3] or r1 <= r0 or c1 <= c0:
-                        continue  # outside the field
-                    rr = slice(int(round((r0 - box[0]) * sr)), int(round((r1 - box[0]) * sr)))
-                    cc = slice(int(round((c0 - box[2]) * sc)), int(round((c1 - box[2]) * sc)))
-                    a, b = float(t["bone"][rr, cc].mean()), float(truth_frame[rr, cc].mean())
+                for name, a, b in roi_pairs(t, truth["views"][view], true_npz[f"bone_drr_{view}"]):
                     target_pairs["all"][0].append(a)
                     target_pairs["all"][1].append(b)
                     if name == "L1":

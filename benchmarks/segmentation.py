@@ -52,8 +52,8 @@ def main() -> None:
     from bmdpipe.io.ct import read_ct
     from bmdpipe.samples import load_samples
     from bmdpipe.segment import labels_from_map, read_label_table
-    from bmdpipe.segment_unet import UNetSettings, evaluate, load_segmenter, predict, simulated_truth_labels, train_segmenter
-    from bmdpipe.simulate import simulate_cohort
+    from bmdpipe.segment_unet import UNetSettings, evaluate, load_segmenter, predict, train_segmenter
+    from bmdpipe.simulate import simulate_cohort, truth_labels
 
     torch.set_num_threads(args.threads)
     print(f"machine: {machine()}; torch threads {torch.get_num_threads()}")
@@ -90,7 +90,7 @@ def main() -> None:
             t0 = time.perf_counter()
             pred, unc, info = predict(model, ct, mc_samples=args.mc_samples, with_mutual_information=True)
             seconds = time.perf_counter() - t0
-            truth, _ = labels_from_map(simulated_truth_labels(root, pid), table, ct)
+            truth, _ = labels_from_map(truth_labels(root, pid), table, ct)
             ev = evaluate(pred, truth, unc, settings.vertebrae)
             mi = sitk.GetImageFromArray(info["mutual_information"])
             mi.CopyInformation(ct)

@@ -665,24 +665,3 @@ def evaluate(pred: sitk.Image, truth: sitk.Image, uncertainty: sitk.Image, verte
     out["auroc_band"] = auc(wrong[band], u[band]) if 0 < wrong[band].sum() < band.sum() else float("nan")
     out["auroc_field"] = auc(wrong, u) if 0 < wrong.sum() < wrong.size else float("nan")
     return out
-
-
-def simulated_truth_labels(cohort_dir: str | os.PathLike[str], patient: str) -> sitk.Image:
-    """The true label map of a virtual-cohort patient (bmdpipe.simulate), in TotalSegmentator's scheme.
-
-    The simulator records that every patient's labels are its base anatomy's
-    label map (``truth/labels_{base}.nii.gz``), mirrored along x when
-    ``mirrored``, on the patient's CT spacing; this rebuilds that image. Read its
-    values with ``labels/structures.csv`` (:func:`bmdpipe.segment.read_label_table`).
-    """
-    root = Path(cohort_dir)
-    truth = json.loads((root / "truth" / f"{patient}.json").read_text())["labels"]
-    base = sitk.ReadImage(str(root / truth["file"]))
-    arr = sitk.GetArrayFromImage(base)
-    if truth["mirrored"]:
-        arr = arr[:, :, ::-1]
-    img = sitk.GetImageFromArray(np.ascontiguousarray(arr))
-    img.SetSpacing([float(s) for s in truth["ct_spacing_mm"]])
-    img.SetOrigin(base.GetOrigin())
-    img.SetDirection(base.GetDirection())
-    return img

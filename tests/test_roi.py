@@ -234,15 +234,10 @@ def simulated(tmp_path_factory) -> Path:
 def _truth_labels(root: Path, truth: dict, ct: sitk.Image) -> sitk.Image:
     """The patient's truth label map on its CT grid, translated to bmdpipe labels as the segment stage does."""
     from bmdpipe.segment import labels_from_map, read_label_table
+    from bmdpipe.simulate import truth_labels
 
-    info = truth["labels"]
-    img = sitk.ReadImage(str(root / info["file"]))
-    arr = sitk.GetArrayFromImage(img)
-    lab = sitk.GetImageFromArray(np.ascontiguousarray(arr[:, :, ::-1] if info["mirrored"] else arr))
-    lab.SetOrigin(img.GetOrigin())
-    lab.SetDirection(img.GetDirection())
-    lab.SetSpacing(info["ct_spacing_mm"])
-    return labels_from_map(lab, read_label_table(root / "labels" / "structures.csv"), ct)[0]
+    table = read_label_table(root / "labels" / "structures.csv")
+    return labels_from_map(truth_labels(root, truth["record"]["patient_id"]), table, ct)[0]
 
 
 def test_abmd_from_calibrated_ct_matches_simulator_truth(simulated):

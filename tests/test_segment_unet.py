@@ -26,12 +26,12 @@ from bmdpipe.segment_unet import (
     from_classes,
     load_segmenter,
     predict,
-    simulated_truth_labels,
     to_classes,
     to_working,
     train_segmenter,
     working_grid,
 )
+from bmdpipe.simulate import truth_labels
 
 from conftest import make_ct
 
@@ -169,7 +169,7 @@ def test_trained_unet_segments_a_held_out_patient(cohort, trained):
     pred, unc, info = predict(seg, ct)
     assert info["mc_samples"] == TINY.mc_samples
     assert pred.GetSize() == ct.GetSize() and pred.GetOrigin() == ct.GetOrigin()
-    truth, _ = labels_from_map(simulated_truth_labels(cohort, "sim004"),
+    truth, _ = labels_from_map(truth_labels(cohort, "sim004"),
                                read_label_table(cohort / "labels" / "structures.csv"), ct)
     ev = evaluate(pred, truth, unc, TINY.vertebrae)
     # measured at these tiny settings (4 mm, 300 steps): Dice T12 0.71, L1 0.57, L2 0.53, L3 0.64, bone 0.63,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ from bmdpipe.io.atomic import write_json
 from bmdpipe.io.ct import read_ct
 from bmdpipe.io.xray import read_xray, write_xray
 from bmdpipe.segment import BONE_LABELS, labels_from_map, read_label_table
+from bmdpipe.simulate import truth_labels
 from bmdpipe.targets import (
     TargetSettings,
     crop_resize,
@@ -74,7 +74,7 @@ def patients(tmp_path_factory):
         pid = tp.stem
         truth = json.loads(tp.read_text())
         ct, _ = read_ct(root / "ct" / pid)
-        lab = truth_labels(root, truth, ct)
+        lab = truth_labels(root, pid)
         labels, _ = labels_from_map(lab, table, ct)
         density = apply_calibration(ct, calibrate(ct, "phantom"))
         views = {v: read_xray(root / "xray" / f"{pid}_{v}.dcm")[0] for v in truth["views"]}
@@ -86,20 +86,6 @@ def patients(tmp_path_factory):
             "radiographs": views,
             "bone_truth": np.load(root / "truth" / f"{pid}.npz"),
         }
-    return out
-
-
-def truth_labels(root: Path, truth: dict, ct: sitk.Image) -> sitk.Image:
-    """The simulator's label map placed in the patient's physical space (base origin and direction, the
-    patient's spacing); the ingested CT may order its slices the other way, labels_from_map resamples."""
-    img = sitk.ReadImage(str(root / truth["labels"]["file"]))
-    arr = sitk.GetArrayFromImage(img)
-    if truth["labels"]["mirrored"]:
-        arr = arr[:, :, ::-1]
-    out = sitk.GetImageFromArray(np.ascontiguousarray(arr))
-    out.SetOrigin(img.GetOrigin())
-    out.SetDirection(img.GetDirection())
-    out.SetSpacing([float(v) for v in truth["labels"]["ct_spacing_mm"]])
     return out
 
 

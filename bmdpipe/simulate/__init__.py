@@ -28,9 +28,10 @@ from bmdpipe.simulate.cohort import (
 )
 from bmdpipe.simulate.defaults import DEFAULTS, fill_config
 from bmdpipe.simulate.sampling import derive, sample_patient
+from bmdpipe.simulate.truth import truth_labels
 
 __all__ = [
     "DEFAULTS", "BaseAnatomy", "collect_sheet", "derive", "expected_sheet", "fill_config", "load_base",
     "patient_ids", "patient_record", "render_patient", "sample_patient", "simulate_cohort", "simulate_one",
-    "simulate_patient", "write_sheet",
+    "simulate_patient", "truth_labels", "write_sheet",
 ]
