@@ -106,9 +106,9 @@ class Generator(nn.Module):
         self.decoder = decoder
 
     @classmethod
-    def hrnet(cls, name: str = "hrnet_w18_small_v2", ngf: int = 32) -> "Generator":
+    def hrnet(cls, name: str = "hrnet_w18_small_v2", ngf: int = 32, out_channels: int = 1) -> "Generator":
         enc = HRNetEncoder(name)
-        return cls(enc, Pix2PixHDDecoder(enc.out_channels, 1, ngf))
+        return cls(enc, Pix2PixHDDecoder(enc.out_channels, out_channels, ngf))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
@@ -130,14 +130,38 @@ class _ResBlock(nn.Module):
 class ResnetGenerator(Generator):
     """pix2pixHD's global generator (c7s1-ngf, two stride-2 downsamplings, residual blocks, decoder)."""
 
-    def __init__(self, ngf: int = 32, n_blocks: int = 9) -> None:
+    def __init__(self, ngf: int = 32, n_blocks: int = 9, out_channels: int = 1) -> None:
         encoder = nn.Sequential(
             nn.ReflectionPad2d(3), nn.Conv2d(1, ngf, 7), group_norm(ngf), nn.ReLU(True),
             nn.Conv2d(ngf, ngf * 2, 3, stride=2, padding=1), group_norm(ngf * 2), nn.ReLU(True),
             nn.Conv2d(ngf * 2, ngf * 4, 3, stride=2, padding=1), group_norm(ngf * 4), nn.ReLU(True),
             *[_ResBlock(ngf * 4) for _ in range(n_blocks)],
         )
-        super().__init__(encoder, Pix2PixHDDecoder(ngf * 4, 1, ngf))
+        super().__init__(encoder, Pix2PixHDDecoder(ngf * 4, out_channels, ngf))
+
+
+def build_generator(arch: dict) -> Generator:
+    """A generator from its description ``{"kind": "hrnet"|"resnet", "encoder", "ngf", "n_blocks", "out_channels"}``."""
+    if arch["kind"] == "hrnet":
+        return Generator.hrnet(arch["encoder"], arch["ngf"], arch["out_channels"])
+    if arch["kind"] == "resnet":
+        return ResnetGenerator(arch["ngf"], arch.get("n_blocks", 9), arch["out_channels"])
+    raise ValueError(f"unknown generator kind {arch['kind']!r}: hrnet or resnet")
+
+
+def widen_output(generator: Generator, state: dict[str, torch.Tensor], out_channels: int) -> dict[str, torch.Tensor]:
+    """A stage-1 state dict (one output channel) for a generator with ``out_channels`` outputs.
+
+    The last convolution's single filter is copied to every channel, so stage 2
+    starts from stage 1's bone image in each site channel (hierarchical learning).
+    """
+    own = generator.state_dict()
+    out = {}
+    for k, v in state.items():
+        if k in own and own[k].shape != v.shape and v.shape[0] == 1 and own[k].shape[0] == out_channels:
+            v = v.expand(out_channels, *v.shape[1:]).clone()
+        out[k] = v
+    return out
 
 
 class PatchDiscriminator(nn.Module):

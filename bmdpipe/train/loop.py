@@ -83,10 +83,16 @@ def distributed_env() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
-def setup_device() -> torch.device:
-    """Join the process group when launched by torchrun (NCCL on CUDA, gloo on the CPU); pick the device."""
+def setup_device(prefer: str = "auto") -> torch.device:
+    """Join the process group when launched by torchrun (NCCL on CUDA, gloo on the CPU); pick the device.
+
+    Args:
+        prefer: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+    """
     rank, world, local = distributed_env()
-    cuda = torch.cuda.is_available()
+    if prefer == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA GPU; set the device to auto or cpu")
+    cuda = prefer != "cpu" and torch.cuda.is_available()
     device = torch.device(f"cuda:{local}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
