@@ -1,0 +1,164 @@
+"""The training stages as jobs on files: what the workflow's rules and the CLI run.
+
+Layout (ARCHITECTURE.md):
+
+* ``dataset/folds.json``: patient-level folds (:func:`write_folds`);
+* ``models/decomposition/fold{k}/stage{1,2}/``: generators (:func:`decomposition_job`);
+* ``models/decomposition/fold{k}/bmd/``: ``bmd_fit.json`` and held-out predictions (:func:`bmd_fit_job`);
+* ``models/regression/fold{k}/``, ``models/baseline/fold{k}/``: regressors and held-out predictions
+  (:func:`regression_job`).
+
+Every ``predictions.tsv`` is long: one row per held-out view and BMD column with
+``patient_id, view, fold, method, column, truth, pred``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from bmdpipe import __version__
+from bmdpipe.io.atomic import atomic_path, write_json
+from bmdpipe.samples import load_samples
+from bmdpipe.train.bmd_fit import fit_column
+from bmdpipe.train.data import View, bmd_columns, bmd_labels, load_views
+from bmdpipe.train.folds import make_folds, split
+from bmdpipe.train.settings import STAGE_VERSION, TrainSettings
+
+PREDICTION_COLUMNS = ["patient_id", "view", "fold", "method", "column", "truth", "pred"]
+
+
+def usable_patients(targets_dirs: Mapping[str, str | os.PathLike[str]],
+                    sites: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """Patients whose targets stage made at least one view with every site's stage-2 target; the others, why not."""
+    ok, excluded = [], {}
+    for patient, folder in targets_dirs.items():
+        summary = json.loads((Path(folder) / "targets.json").read_text())
+        missing = [s for s in sites if s not in summary.get("roi_sites", [])]
+        if summary.get("status") != "ok" or not summary.get("views"):
+            excluded[patient] = summary.get("reason") or "no registered view"
+        elif missing:
+            why = "; ".join(summary.get("warnings", [])) or f"its ROI sites are {summary.get('roi_sites')}"
+            excluded[patient] = f"no stage-2 target for {missing}: {why}"
+        else:
+            ok.append(patient)
+    return ok, excluded
+
+
+def write_folds(targets_dirs: Mapping[str, str | os.PathLike[str]], samples: str | os.PathLike[str],
+                settings: TrainSettings, out: str | os.PathLike[str]) -> dict:
+    """``folds.json``: the K folds of the usable patients, the BMD columns, the excluded patients.
+
+    Raises:
+        ValueError: fewer usable patients than folds, or no BMD column in the sheet.
+    """
+    sheet = load_samples(samples, check_paths=False)
+    columns = bmd_columns(sheet, settings.sites, settings.measures)
+    if not columns:
+        raise ValueError(f"{samples}: none of the BMD columns {[f'{m}_{s}' for m in settings.measures for s in settings.sites]}"
+                         " holds a value; set train.sites and train.measures to columns of the sheet")
+    ok, excluded = usable_patients(targets_dirs, settings.sites)
+    labels = bmd_labels(sheet, columns)
+    for p in list(ok):
+        if not np.isfinite(labels[p]).any():
+            ok.remove(p)
+            excluded[p] = f"no BMD value in {columns}"
+    if len(ok) < settings.folds:
+        raise ValueError(f"only {len(ok)} patient(s) have training targets and BMD labels, fewer than the "
+                         f"{settings.folds} folds of train.folds; left out: {excluded}. Fix those patients (see "
+                         "results/qc/patients.tsv), lower train.folds, or set train.enabled: false")
+    folds = make_folds(ok, settings.folds, settings.fold_seed)
+    payload = {"k": settings.folds, "seed": settings.fold_seed, "folds": folds, "columns": columns,
+               "excluded": excluded, "code_version": STAGE_VERSION, "bmdpipe_version": __version__}
+    write_json(out, payload)
+    return payload
+
+
+def fold_views(folds_json: str | os.PathLike[str], fold: int, targets_root: str | os.PathLike[str],
+               samples: str | os.PathLike[str], settings: TrainSettings) -> tuple[list[View], list[View], list[str]]:
+    """``(training views, held-out views, BMD columns)`` of a fold.
+
+    Training views are limited to ``settings.views`` (a pose subset) when set; held-out views keep every pose.
+    """
+    info = json.loads(Path(folds_json).read_text())
+    parts = split(info["folds"], fold)
+    labels = bmd_labels(load_samples(samples, check_paths=False), info["columns"])
+    root = Path(targets_root)
+    train = load_views({p: root / p for p in parts["train"]}, settings.sites, settings.image_size, labels,
+                       views=settings.views)
+    test = load_views({p: root / p for p in parts["test"]}, settings.sites, settings.image_size, labels)
+    return train, test, list(info["columns"])
+
+
+def _site_channel(column: str, sites: Sequence[str]) -> int:
+    return list(sites).index(column.split("_", 1)[1])
+
+
+def prediction_rows(views: Sequence[View], fold: int, method: str, columns: Sequence[str],
+                    pred: np.ndarray) -> pd.DataFrame:
+    """Long rows for ``pred`` ``(N, K)``; views without a label for a column are left out."""
+    rows = []
+    for i, v in enumerate(views):
+        for k, c in enumerate(columns):
+            if np.isfinite(v.bmd[k]):
+                rows.append((v.patient, v.view, fold, method, c, float(v.bmd[k]), float(pred[i, k])))
+    return pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
+
+
+def write_table(df: pd.DataFrame, path: str | os.PathLike[str]) -> None:
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
+
+
+def bmd_fit_job(generator_path: str | os.PathLike[str], train: Sequence[View], test: Sequence[View],
+                columns: Sequence[str], fold: int, settings: TrainSettings, out_dir: str | os.PathLike[str],
+                *, device: str = "cpu") -> dict:
+    """Choose t and fit the lines on the training views' true ROI images; apply them to the held-out views.
+
+    Writes ``bmd_fit.json`` and ``predictions.tsv`` (methods ``decomposition`` from the predicted images
+    and ``ceiling`` from the true ones) and ``examples.npz`` (a few held-out radiograph | predicted | true
+    triples for the report).
+    """
+    from bmdpipe.train.decomposition import load_generator, predict
+
+    gen, _ = load_generator(generator_path, device)
+    true_train = np.stack([v.roi for v in train])
+    labels_train = np.stack([v.bmd for v in train])
+    fits = [fit_column(true_train, labels_train[:, k], c, _site_channel(c, settings.sites),
+                       settings.decomposition.thresholds) for k, c in enumerate(columns)]
+    pred_images = predict(gen, test)
+    true_test = np.stack([v.roi for v in test])
+    pred = np.stack([f.apply(pred_images) for f in fits], axis=1)
+    ceiling = np.stack([f.apply(true_test) for f in fits], axis=1)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = pd.concat([prediction_rows(test, fold, "decomposition", columns, pred),
+                       prediction_rows(test, fold, "ceiling", columns, ceiling)])
+    write_table(table, out / "predictions.tsv")
+    n = min(4, len(test))
+    with atomic_path(out / "examples.npz") as tmp:
+        np.savez_compressed(tmp, xray=np.stack([v.xray for v in test[:n]]), predicted=pred_images[:n],
+                            true=true_test[:n], patient=np.array([v.patient for v in test[:n]]),
+                            view=np.array([v.view for v in test[:n]]), sites=np.array(settings.sites))
+    summary = {"stage": "bmd_from_decomposition", "status": "ok", "fold": fold, "code_version": STAGE_VERSION,
+               "bmdpipe_version": __version__, "fits": [f.to_dict() for f in fits],
+               "n_train_views": len(train), "n_test_views": len(test)}
+    write_json(out / "bmd_fit.json", summary)
+    return summary
+
+
+def regression_predictions_job(model_path: str | os.PathLike[str], test: Sequence[View], fold: int, method: str,
+                               out: str | os.PathLike[str], *, device: str = "cpu") -> pd.DataFrame:
+    """Held-out predictions of a stage-3 or baseline model, written to ``out`` (predictions.tsv)."""
+    from bmdpipe.train.regression import load_regressor, predict_bmd
+
+    model, payload = load_regressor(model_path, device)
+    columns = payload["norm"]["columns"]
+    table = prediction_rows(test, fold, method, columns, predict_bmd(model, payload["norm"], test))
+    write_table(table, out)
+    return table

@@ -1,0 +1,138 @@
+"""Settings of the training stages (config ``train``; every key in schemas/config.schema.yaml)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+#: Bump when a change to the training code changes what it learns (the training rules re-run).
+STAGE_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class DecompositionSettings:
+    """The hierarchical GAN (seed 004 §3.2, §4.2.7).
+
+    Attributes:
+        generator: ``hrnet`` (HRNet encoder + pix2pixHD decoder) or ``resnet`` (seed 004 Table 3's baseline).
+        encoder: timm HRNet name.
+        ngf, ndf: generator decoder / discriminator widths.
+        n_layers, num_d: PatchGAN depth and number of scales.
+        stage1_epochs, stage2_epochs: epochs per stage.
+        stage2_from_scratch: the ablation: stage 2 without stage 1's weights.
+        lr, weight_decay: AdamW (betas 0.5, 0.999 as pix2pixHD).
+        restart_epochs: first period of the cosine warm restarts, epochs.
+        lambda_fm, lambda_l1, lambda_gc: loss weights (seed 004: 10, 100, 1).
+        thresholds: candidate thresholds t, g/cm², for BMD from the predicted ROI image.
+    """
+
+    generator: str = "hrnet"
+    encoder: str = "hrnet_w18_small"
+    ngf: int = 16
+    ndf: int = 16
+    n_layers: int = 3
+    num_d: int = 3
+    stage1_epochs: int = 10
+    stage2_epochs: int = 10
+    stage2_from_scratch: bool = False
+    lr: float = 2e-4
+    weight_decay: float = 1e-2
+    restart_epochs: int = 10
+    lambda_fm: float = 10.0
+    lambda_l1: float = 100.0
+    lambda_gc: float = 1.0
+    thresholds: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2)
+
+    def arch(self, out_channels: int) -> dict[str, Any]:
+        return {"kind": self.generator, "encoder": self.encoder, "ngf": self.ngf, "out_channels": out_channels}
+
+
+@dataclass(frozen=True)
+class RegressionSettings:
+    """Stage 3 (seed 004 §3.3): inherited encoder + transformer head; encoder frozen, then tuned.
+
+    Attributes:
+        dims, depths, heads: per transformer stage of the head.
+        frozen_epochs: epochs with the encoder frozen, at ``lr``.
+        tune_epochs: then end-to-end at ``tune_lr``.
+    """
+
+    dims: tuple[int, ...] = (64, 128)
+    depths: tuple[int, ...] = (1, 1)
+    heads: tuple[int, ...] = (2, 4)
+    frozen_epochs: int = 10
+    tune_epochs: int = 5
+    lr: float = 5e-4
+    tune_lr: float = 5e-5
+    weight_decay: float = 1e-2
+    restart_epochs: int = 10
+
+
+@dataclass(frozen=True)
+class BaselineSettings:
+    """Conventional direct regression from the radiograph crop (seed 004's Hsieh et al.-style comparison)."""
+
+    model: str = "resnet18"
+    epochs: int = 20
+    lr: float = 5e-4
+    weight_decay: float = 1e-2
+    restart_epochs: int = 10
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """What every training stage shares.
+
+    Attributes:
+        folds: K of the patient-level K-fold split; ``fold_seed`` fixes it.
+        sites: the stage-2 channels (ROI sites) and BMD sites.
+        measures: BMD kinds from the sheet (``dxa``, ``qct``): columns ``{measure}_{site}`` that exist.
+        image_size: training ``(rows, cols)``; the targets are area-averaged to it.
+        views: train on these poses only (seed 004 §4.2.3); None: all. Test folds keep every pose.
+        batch_size: per process.
+        seed: of weights and batches (the fold number is added).
+        device: ``auto``, ``cpu`` or ``cuda``; AMP on CUDA when ``amp``.
+        augment: :class:`bmdpipe.train.data.Augment` keys.
+    """
+
+    folds: int = 3
+    fold_seed: int = 0
+    sites: tuple[str, ...] = ("L1", "L2", "L3")
+    measures: tuple[str, ...] = ("dxa", "qct")
+    image_size: tuple[int, int] = (128, 128)
+    views: tuple[str, ...] | None = None
+    batch_size: int = 4
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    augment: dict[str, Any] = field(default_factory=dict)
+    decomposition: DecompositionSettings = DecompositionSettings()
+    regression: RegressionSettings = RegressionSettings()
+    baseline: BaselineSettings = BaselineSettings()
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | None) -> "TrainSettings":
+        cfg = dict(cfg or {})
+        subs = {"decomposition": DecompositionSettings, "regression": RegressionSettings, "baseline": BaselineSettings}
+        for key, kind in subs.items():
+            cfg[key] = kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in (cfg.get(key) or {}).items()})
+        for key in ("sites", "measures", "image_size", "views"):
+            if cfg.get(key) is not None:
+                cfg[key] = tuple(cfg[key])
+        return cls(**cfg)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def work_dir(root: str | Path, *parts: Any) -> Path:
+    """Checkpoint folder of a training job, keyed by a hash of ``parts`` (settings, code version, patients).
+
+    A killed job resumes from here; a job with other settings starts afresh in its own folder.
+    Snakemake deletes a rule's output before re-running it, so checkpoints cannot live there.
+    """
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return Path(root) / hashlib.sha256(blob).hexdigest()[:16]
