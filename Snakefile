@@ -17,6 +17,7 @@ include: "rules/roi.smk"
 include: "rules/register.smk"
 include: "rules/targets.smk"
 include: "rules/qc.smk"
+include: "rules/train.smk"
 
 
 rule all:

@@ -15,6 +15,7 @@ from bmdpipe import register as register_stage
 from bmdpipe import targets as targets_stage
 from bmdpipe import segment as segment_stage
 from bmdpipe import segment_unet
+from bmdpipe.train import settings as train_settings
 
 
 validate(config, "../schemas/config.schema.yaml")
@@ -178,7 +179,60 @@ def get_register_input(wildcards):
 
 COHORT_FILES = written_by_cohort_rule()
 
+TRAIN = config["train"]
+FOLDS = list(range(TRAIN["folds"]))
+TRAIN_GPUS = 1 if TRAIN["device"] == "cuda" else 0
+
+wildcard_constraints:
+    fold=r"\d+",
+    stage="1|2",
+
+#: The decomposition keys each training job depends on (others do not re-train it).
+_STAGE_KEYS = {
+    "stage1": ("generator", "encoder", "ngf", "ndf", "n_layers", "num_d", "stage1_epochs", "lr", "weight_decay",
+               "restart_epochs", "lambda_fm", "lambda_l1", "lambda_gc"),
+    "bmd": ("thresholds",),
+}
+
+
+def train_slice(part=None):
+    """The train config a job depends on: the shared keys plus its own part.
+
+    part: None (folds), "stage1", "stage2" (stage 1's keys and stage 2's), "bmd", "regression", "baseline".
+    """
+    shared = {k: v for k, v in TRAIN.items() if k not in ("enabled", "decomposition", "regression", "baseline")}
+    dec = TRAIN.get("decomposition", {})
+    if part is None:
+        return {k: shared[k] for k in ("folds", "fold_seed", "sites", "measures") if k in shared}
+    if part == "stage1":
+        return {**shared, "decomposition": {k: v for k, v in dec.items() if k in _STAGE_KEYS["stage1"]}}
+    if part == "bmd":
+        return {**shared, "decomposition": {k: v for k, v in dec.items() if k in _STAGE_KEYS["bmd"]}}
+    if part == "stage2":
+        return {**shared, "decomposition": {k: v for k, v in dec.items() if k not in _STAGE_KEYS["bmd"]}}
+    return {**shared, part: TRAIN.get(part, {})}
+
+
+def get_fold_data(wildcards):
+    """The folds file, the samples sheet and every patient's targets (a fold's patients are read from the folds file)."""
+    return {
+        "folds": "results/dataset/folds.json",
+        "samples": COHORT["samples"],
+        "targets": expand("results/targets/{patient}", patient=PATIENTS),
+    }
+
+
+def get_decomposition_input(wildcards):
+    """Fold data, plus stage 1's generator for stage 2 (unless stage 2 trains from scratch)."""
+    inputs = get_fold_data(wildcards)
+    if wildcards.stage == "2" and not TRAIN["decomposition"].get("stage2_from_scratch", False):
+        inputs["init"] = f"results/models/decomposition/fold{wildcards.fold}/stage1"
+    return inputs
+
 
 def get_final_output():
     """What `snakemake` with no target builds."""
-    return ["results/qc/patients.tsv"]
+    out = ["results/qc/patients.tsv"]
+    if TRAIN["enabled"]:
+        out.append("results/metrics/bmd.tsv")
+    return out

@@ -93,7 +93,8 @@ def build_small_cohort(root: Path) -> Path:
         columns=["patient_id", "view", "xray", "ct", "xray_pixel_spacing_mm", "dxa_L1", "age", "sex"],
     )
     sheet.to_csv(data / "samples.tsv", sep="\t", index=False)
-    (root / "config.yaml").write_text(yaml.safe_dump({"cohort": {"source": "sheet", "samples": str(data / "samples.tsv")}}))
+    (root / "config.yaml").write_text(yaml.safe_dump({"cohort": {"source": "sheet", "samples": str(data / "samples.tsv")},
+                                                     "train": {"enabled": False}}))
     return root
 
 

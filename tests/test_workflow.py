@@ -44,6 +44,13 @@ def test_dry_run_of_config_yaml_resolves_the_chain(tmp_path):
         assert f"\n{rule} " in out or f"rule {rule}:" in out, f"{rule} missing from the dry run:\n{out[-3000:]}"
     # some patients of the demo cohort have label maps: the others need the trained U-Net
     assert _jobs(proc).get("train_segmenter") == 1 and _jobs(proc).get("segment") > 1, out[-3000:]
+    # training: per fold two decomposition stages, the BMD fit, stage 3 and the baseline; one split, one evaluation
+    k = yaml.safe_load((REPO / "config.yaml").read_text())["train"]["folds"]
+    jobs = _jobs(proc)
+    assert {r: jobs.get(r) for r in ("folds", "train_decomposition", "bmd_from_decomposition", "train_regression",
+                                     "train_baseline", "evaluate_bmd")} == {
+        "folds": 1, "train_decomposition": 2 * k, "bmd_from_decomposition": k, "train_regression": k,
+        "train_baseline": k, "evaluate_bmd": 1}, out[-3000:]
 
 
 def test_segmenter_is_trained_only_when_a_patient_needs_it(tmp_path):
@@ -169,6 +176,10 @@ def test_virtual_cohort_runs_end_to_end(tmp_path):
     cfg = yaml.safe_load((REPO / "config.yaml").read_text())
     cfg["cohort"]["simulate"].update(n_patients=3, seed=2, label_fraction=0.5)
     cfg["segment"]["unet"].update(epochs=2, steps_per_epoch=3, mc_samples=2)
+    tiny = {"stage1_epochs": 1, "stage2_epochs": 1, "ngf": 4, "ndf": 4, "num_d": 1}
+    cfg["train"].update(folds=2, image_size=[32, 32], decomposition={**cfg["train"]["decomposition"], **tiny},
+                        regression={"frozen_epochs": 1, "tune_epochs": 1, "dims": [8, 16], "heads": [1, 2]},
+                        baseline={"model": "resnet10t", "epochs": 1})
     (tmp_path / "small.yaml").write_text(yaml.safe_dump(cfg))
     snakemake("--cores", "2", "--configfile", str(tmp_path / "small.yaml"), "--directory", str(tmp_path))
     qc = pd.read_csv(tmp_path / "results" / "qc" / "patients.tsv", sep="\t", keep_default_na=False)
@@ -187,12 +198,29 @@ def test_virtual_cohort_runs_end_to_end(tmp_path):
     for view in cfg["cohort"]["simulate"]["views"]:
         t = np.load(tmp_path / "results" / "targets" / "sim001" / f"{view}.npz")
         assert t["bone"].shape == tuple(cfg["targets"]["size"]) and t["bone"].max() > 0.5  # g/cm²
+    # training: the patients with stage-2 targets, one per fold held out, every method scored on every held-out view
+    folds = json.loads((tmp_path / "results" / "dataset" / "folds.json").read_text())
+    used = sorted(p for f in folds["folds"].values() for p in f)
+    assert used == sorted({"sim000", "sim001", "sim002"} - set(folds["excluded"])) and len(used) >= 2, folds
+    assert folds["columns"] == ["dxa_T12", "dxa_L1", "qct_L1"]
+    metrics = pd.read_csv(tmp_path / "results" / "metrics" / "bmd.tsv", sep="\t")
+    assert set(metrics.method) == {"ceiling", "decomposition", "decomposition+regression", "baseline"}
+    made = sum(len(json.loads((tmp_path / "results" / "targets" / p / "targets.json").read_text())["views"])
+               for p in used)
+    assert (metrics.n_views == made).all(), metrics
+    assert not any((tmp_path / "results" / "checkpoints").rglob("*.pt"))  # removed once each job finished
     sheet = pd.read_csv(tmp_path / "resources" / "virtual_cohort" / "samples.tsv", sep="\t")
     assert {"dxa_L1", "qct_L1", "age", "sex"} <= set(sheet.columns)
     assert (tmp_path / "resources" / "virtual_cohort" / "truth" / "sim000.json").exists()
     proc = snakemake("--dry-run", "--cores", "2", "--configfile", str(tmp_path / "small.yaml"), "--directory",
                      str(tmp_path))
     assert "Nothing to be done" in proc.stdout + proc.stderr
+    # a training setting re-trains only what uses it: the baselines' epochs → the baselines and the evaluation
+    cfg["train"]["baseline"]["epochs"] = 2
+    (tmp_path / "baseline.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake("--dry-run", "--cores", "2", "--configfile", str(tmp_path / "baseline.yaml"), "--directory",
+                     str(tmp_path))
+    assert _jobs(proc) == {"train_baseline": 2, "evaluate_bmd": 1, "all": 1}, proc.stdout[-2000:]  # 2 folds
 
 
 def test_public_demo_runs_end_to_end(tmp_path):
@@ -241,7 +269,7 @@ def test_reruns_touch_only_what_changed(small_cohort, cohort_run, tmp_path):
     pd.concat([sheet, extra]).to_csv(tmp_path / "samples.tsv", sep="\t", index=False)
     for name in ("p04.nii.gz", "p04_pa.dcm", "p01_pa.dcm", "p01_small.png", "p02_pa.dcm", "p03_pa.dcm", "p03.nii.gz", "ct"):
         (tmp_path / name).symlink_to(data / name)
-    cfg = {"cohort": {"source": "sheet", "samples": str(tmp_path / "samples.tsv")}}
+    cfg = {"cohort": {"source": "sheet", "samples": str(tmp_path / "samples.tsv")}, "train": {"enabled": False}}
     (tmp_path / "added.yaml").write_text(yaml.safe_dump(cfg))
     proc = snakemake("--dry-run", "--cores", "2", "--configfile", str(tmp_path / "added.yaml"), "--directory", str(work))
     per_patient = {"ingest_ct": 1, "ingest_xray": 1, "calibrate": 1, "segment": 1, "roi": 1, "register": 1, "targets": 1}

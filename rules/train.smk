@@ -1,0 +1,140 @@
+# Training (seed 004): patient-level folds, then per fold the hierarchical
+# decomposition GAN (stage 1, stage 2), BMD from the decomposed image, stage-3
+# regression and the conventional baseline; the metrics pool the held-out folds.
+# Each rule's params carry its config slice and the code version, so a changed
+# setting re-trains only what depends on it. Killed training resumes from the
+# checkpoints under results/checkpoints/.
+
+
+rule folds:
+    input:
+        targets=expand("results/targets/{patient}", patient=PATIENTS),
+        samples=COHORT["samples"],
+    output:
+        "results/dataset/folds.json",
+    params:
+        settings=train_slice(),
+        code_version=train_settings.STAGE_VERSION,
+    log:
+        "results/logs/folds.log",
+    benchmark:
+        "results/benchmarks/folds.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+    conda:
+        "../envs/bmdpipe.yaml"
+    script:
+        "../workflow_scripts/folds.py"
+
+
+rule train_decomposition:
+    input:
+        unpack(get_decomposition_input),
+    output:
+        directory("results/models/decomposition/fold{fold}/stage{stage}"),
+    params:
+        settings=lambda wildcards: train_slice(f"stage{wildcards.stage}"),
+        code_version=train_settings.STAGE_VERSION,
+    log:
+        "results/logs/train_decomposition/fold{fold}_stage{stage}.log",
+    benchmark:
+        "results/benchmarks/train_decomposition/fold{fold}_stage{stage}.tsv"
+    threads: 2
+    resources:
+        mem_mb=6000,
+        gpu=TRAIN_GPUS,
+    conda:
+        "../envs/bmdpipe.yaml"
+    script:
+        "../workflow_scripts/train_decomposition.py"
+
+
+rule bmd_from_decomposition:
+    input:
+        unpack(get_fold_data),
+        generator="results/models/decomposition/fold{fold}/stage2",
+    output:
+        directory("results/models/decomposition/fold{fold}/bmd"),
+    params:
+        settings=train_slice("bmd"),
+        code_version=train_settings.STAGE_VERSION,
+    log:
+        "results/logs/bmd_from_decomposition/fold{fold}.log",
+    benchmark:
+        "results/benchmarks/bmd_from_decomposition/fold{fold}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+    conda:
+        "../envs/bmdpipe.yaml"
+    script:
+        "../workflow_scripts/bmd_from_decomposition.py"
+
+
+rule train_regression:
+    input:
+        unpack(get_fold_data),
+        generator="results/models/decomposition/fold{fold}/stage2",
+    output:
+        directory("results/models/regression/fold{fold}"),
+    params:
+        settings=train_slice("regression"),
+        method="decomposition+regression",
+        code_version=train_settings.STAGE_VERSION,
+    log:
+        "results/logs/train_regression/fold{fold}.log",
+    benchmark:
+        "results/benchmarks/train_regression/fold{fold}.tsv"
+    threads: 2
+    resources:
+        mem_mb=6000,
+        gpu=TRAIN_GPUS,
+    conda:
+        "../envs/bmdpipe.yaml"
+    script:
+        "../workflow_scripts/train_regression.py"
+
+
+rule train_baseline:
+    input:
+        unpack(get_fold_data),
+    output:
+        directory("results/models/baseline/fold{fold}"),
+    params:
+        settings=train_slice("baseline"),
+        method="baseline",
+        code_version=train_settings.STAGE_VERSION,
+    log:
+        "results/logs/train_baseline/fold{fold}.log",
+    benchmark:
+        "results/benchmarks/train_baseline/fold{fold}.tsv"
+    threads: 2
+    resources:
+        mem_mb=6000,
+        gpu=TRAIN_GPUS,
+    conda:
+        "../envs/bmdpipe.yaml"
+    script:
+        "../workflow_scripts/train_regression.py"
+
+
+rule evaluate_bmd:
+    input:
+        decomposition=expand("results/models/decomposition/fold{fold}/bmd", fold=FOLDS),
+        regression=expand("results/models/regression/fold{fold}", fold=FOLDS),
+        baseline=expand("results/models/baseline/fold{fold}", fold=FOLDS),
+    output:
+        metrics="results/metrics/bmd.tsv",
+        predictions="results/metrics/predictions.tsv",
+    log:
+        "results/logs/evaluate_bmd.log",
+    benchmark:
+        "results/benchmarks/evaluate_bmd.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+    conda:
+        "../envs/bmdpipe.yaml"
+    script:
+        "../workflow_scripts/evaluate_bmd.py"
