@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -25,8 +25,19 @@ from bmdpipe.io.atomic import atomic_path, write_json
 from bmdpipe.models.decomposition import Generator, MultiscaleDiscriminator, build_generator, widen_output
 from bmdpipe.models.losses import discriminator_loss, generator_loss
 from bmdpipe.train.data import Augment, View, ViewDataset, augment
-from bmdpipe.train.loop import TrainConfig, TrainState, fit, is_main, seed_everything, setup_device, unwrap, wrap_ddp
-from bmdpipe.train.settings import STAGE_VERSION, TrainSettings
+from bmdpipe.train.loop import (
+    TrainConfig,
+    TrainState,
+    backward,
+    fit,
+    is_main,
+    seed_everything,
+    setup_device,
+    step,
+    unwrap,
+    wrap_ddp,
+)
+from bmdpipe.train.settings import STAGE_VERSION, DecompositionSettings, TrainSettings
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +54,35 @@ def load_generator(path: str | os.PathLike[str], device: str | torch.device = "c
     gen = build_generator(payload["arch"])
     gen.load_state_dict(payload["state_dict"])
     return gen.to(device).eval(), payload
+
+
+def gan_step(gen: torch.nn.Module, disc: torch.nn.Module, opt_g: torch.optim.Optimizer,
+             opt_d: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+             dec: DecompositionSettings, scaler: Any = None) -> dict[str, float]:
+    """One update of the discriminators, then of the generator (seed 004 Eq. 1–8).
+
+    Args:
+        x: ``(B, 1, H, W)`` radiographs; y: ``(B, C, H, W)`` targets, g/cm².
+        scaler: the AMP gradient scaler (CUDA) or None.
+
+    Returns:
+        The losses: ``loss_d`` and ``loss_g_{total,gan,fm,l1,gc}``.
+    """
+    fake = gen(x)
+    d_loss = discriminator_loss(disc(torch.cat([x, y], 1)), disc(torch.cat([x, fake.detach()], 1)))
+    opt_d.zero_grad(set_to_none=True)
+    backward(d_loss, scaler)
+    step(opt_d, scaler)
+    with torch.no_grad():
+        d_real = disc(torch.cat([x, y], 1))
+    parts = generator_loss(fake, y, disc(torch.cat([x, fake], 1)), d_real, lambda_fm=dec.lambda_fm,
+                           lambda_l1=dec.lambda_l1, lambda_gc=dec.lambda_gc)
+    opt_g.zero_grad(set_to_none=True)
+    backward(parts["total"], scaler)
+    step(opt_g, scaler)
+    if scaler is not None:
+        scaler.update()
+    return {"loss_d": d_loss.item(), **{f"loss_g_{k}": v.item() for k, v in parts.items()}}
 
 
 def train_stage(
@@ -87,26 +127,14 @@ def train_stage(
     state = TrainState({"g": gen, "d": disc}, {"g": opt_g, "d": opt_d}, sched, device=device)
     aug = Augment.from_config(settings.augment)
 
-    def step(state: TrainState, batch) -> dict[str, float]:
+    def train_step(state: TrainState, batch) -> dict[str, float]:
         x, bone, roi = (t.to(device) for t in batch[:3])
         x, (y,) = augment(x, [bone if stage == 1 else roi], aug)
-        fake = gen(x)
-        d_loss = discriminator_loss(disc(torch.cat([x, y], 1)), disc(torch.cat([x, fake.detach()], 1)))
-        opt_d.zero_grad(set_to_none=True)
-        d_loss.backward()
-        opt_d.step()
-        with torch.no_grad():
-            d_real = disc(torch.cat([x, y], 1))
-        parts = generator_loss(fake, y, disc(torch.cat([x, fake], 1)), d_real, lambda_fm=dec.lambda_fm,
-                               lambda_l1=dec.lambda_l1, lambda_gc=dec.lambda_gc)
-        opt_g.zero_grad(set_to_none=True)
-        parts["total"].backward()
-        opt_g.step()
-        return {"loss_d": d_loss.item(), **{f"loss_g_{k}": v.item() for k, v in parts.items()}}
+        return gan_step(gen, disc, opt_g, opt_d, x, y, dec, state.scaler)
 
     cfg = TrainConfig(epochs=epochs, batch_size=settings.batch_size, seed=seed, amp=settings.amp)
     start = time.perf_counter()
-    fit(state, ViewDataset(views), step, cfg, work, progress=progress)
+    fit(state, ViewDataset(views), train_step, cfg, work, progress=progress)
     out = Path(out_dir)
     if is_main():
         out.mkdir(parents=True, exist_ok=True)

@@ -130,6 +130,19 @@ def make_loader(dataset: Dataset, cfg: TrainConfig, epoch: int, *, shuffle: bool
                       num_workers=cfg.num_workers)
 
 
+def backward(loss: torch.Tensor, scaler: Any = None) -> None:
+    """``loss.backward()``, through the AMP gradient scaler when there is one (CUDA)."""
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+def step(optimizer: torch.optim.Optimizer, scaler: Any = None) -> None:
+    """``optimizer.step()``, through the AMP gradient scaler when there is one (call ``scaler.update()`` after)."""
+    if scaler is not None:
+        scaler.step(optimizer)
+    else:
+        optimizer.step()
+
+
 # --- checkpoints ------------------------------------------------------------------
 
 

@@ -24,7 +24,18 @@ from bmdpipe.io.atomic import atomic_path, write_json
 from bmdpipe.models.decomposition import build_generator
 from bmdpipe.models.regression import RegressionHead, Regressor, conventional_regressor, weighted_l1
 from bmdpipe.train.data import Augment, View, ViewDataset, augment
-from bmdpipe.train.loop import TrainConfig, TrainState, fit, is_main, seed_everything, setup_device, unwrap, wrap_ddp
+from bmdpipe.train.loop import (
+    TrainConfig,
+    TrainState,
+    backward,
+    fit,
+    is_main,
+    seed_everything,
+    setup_device,
+    step,
+    unwrap,
+    wrap_ddp,
+)
 from bmdpipe.train.settings import STAGE_VERSION, TrainSettings
 
 
@@ -115,17 +126,19 @@ def train_regression(
         sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=restart)
         state = TrainState({"model": net}, {"model": opt}, {"model": sched}, device=device)
 
-        def step(state: TrainState, batch, net=net, opt=opt) -> dict[str, float]:
+        def train_step(state: TrainState, batch, net=net, opt=opt) -> dict[str, float]:
             x, bmd, weight = batch[0].to(device), batch[3].to(device), batch[4].to(device)
             x, _ = augment(x, [], aug)
-            loss = weighted_l1(net(x), (bmd - mean.to(device)) / sd.to(device), weight)
+            loss = weighted_l1(net(x).float(), (bmd - mean.to(device)) / sd.to(device), weight)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            backward(loss, state.scaler)
+            step(opt, state.scaler)
+            if state.scaler is not None:
+                state.scaler.update()
             return {"loss": loss.item()}
 
         cfg = TrainConfig(epochs=epochs, batch_size=settings.batch_size, seed=seed, amp=settings.amp)
-        fit(state, data, step, cfg, Path(work) / name, progress=progress)
+        fit(state, data, train_step, cfg, Path(work) / name, progress=progress)
         model = unwrap(net)
         history += [{"phase": name, **row} for row in state.history]
     if is_main():
