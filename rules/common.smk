@@ -191,7 +191,7 @@ wildcard_constraints:
 _STAGE_KEYS = {
     "stage1": ("generator", "encoder", "ngf", "ndf", "n_layers", "num_d", "stage1_epochs", "lr", "weight_decay",
                "restart_epochs", "lambda_fm", "lambda_l1", "lambda_gc"),
-    "bmd": ("thresholds",),
+    "bmd": ("thresholds", "fit_on"),
 }
 
 

@@ -118,23 +118,31 @@ def write_table(df: pd.DataFrame, path: str | os.PathLike[str]) -> None:
 def bmd_fit_job(generator_path: str | os.PathLike[str], train: Sequence[View], test: Sequence[View],
                 columns: Sequence[str], fold: int, settings: TrainSettings, out_dir: str | os.PathLike[str],
                 *, device: str = "cpu") -> dict:
-    """Choose t and fit the lines on the training views' true ROI images; apply them to the held-out views.
+    """Choose t and fit the lines on the training views; apply them to the held-out views.
 
-    Writes ``bmd_fit.json`` and ``predictions.tsv`` (methods ``decomposition`` from the predicted images
-    and ``ceiling`` from the true ones) and ``examples.npz`` (a few held-out radiograph | predicted | true
-    triples for the report).
+    The ``decomposition`` method's t and line are fitted on the generator's images of the training views
+    (``decomposition.fit_on: predicted``, so the line absorbs the generator's intensity scale) or on their
+    true ROI images (``true``); the ``ceiling`` always uses the true images, fitted on the training views'.
+
+    Writes ``bmd_fit.json`` (both fits per column, with the PCC-vs-t curves), ``predictions.tsv`` (held-out,
+    methods ``decomposition`` and ``ceiling``) and ``examples.npz`` (a few held-out radiograph | predicted |
+    true triples for the report).
     """
     from bmdpipe.train.decomposition import load_generator, predict
 
     gen, _ = load_generator(generator_path, device)
+    thresholds = settings.decomposition.thresholds
     true_train = np.stack([v.roi for v in train])
     labels_train = np.stack([v.bmd for v in train])
-    fits = [fit_column(true_train, labels_train[:, k], c, _site_channel(c, settings.sites),
-                       settings.decomposition.thresholds) for k, c in enumerate(columns)]
+    fit_images = predict(gen, train) if settings.decomposition.fit_on == "predicted" else true_train
+    fits = [fit_column(fit_images, labels_train[:, k], c, _site_channel(c, settings.sites), thresholds)
+            for k, c in enumerate(columns)]
+    ceiling_fits = [fit_column(true_train, labels_train[:, k], c, _site_channel(c, settings.sites), thresholds)
+                    for k, c in enumerate(columns)]
     pred_images = predict(gen, test)
     true_test = np.stack([v.roi for v in test])
     pred = np.stack([f.apply(pred_images) for f in fits], axis=1)
-    ceiling = np.stack([f.apply(true_test) for f in fits], axis=1)
+    ceiling = np.stack([f.apply(true_test) for f in ceiling_fits], axis=1)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = pd.concat([prediction_rows(test, fold, "decomposition", columns, pred),
@@ -146,7 +154,8 @@ def bmd_fit_job(generator_path: str | os.PathLike[str], train: Sequence[View], t
                             true=true_test[:n], patient=np.array([v.patient for v in test[:n]]),
                             view=np.array([v.view for v in test[:n]]), sites=np.array(settings.sites))
     summary = {"stage": "bmd_from_decomposition", "status": "ok", "fold": fold, "code_version": STAGE_VERSION,
-               "bmdpipe_version": __version__, "fits": [f.to_dict() for f in fits],
+               "bmdpipe_version": __version__, "fit_on": settings.decomposition.fit_on,
+               "fits": [f.to_dict() for f in fits], "ceiling_fits": [f.to_dict() for f in ceiling_fits],
                "n_train_views": len(train), "n_test_views": len(test)}
     write_json(out / "bmd_fit.json", summary)
     return summary

@@ -27,6 +27,8 @@ class DecompositionSettings:
         restart_epochs: first period of the cosine warm restarts, epochs.
         lambda_fm, lambda_l1, lambda_gc: loss weights (seed 004: 10, 100, 1).
         thresholds: candidate thresholds t, g/cm², for BMD from the predicted ROI image.
+        fit_on: ``predicted`` (the generator's images of the training views) or ``true`` (their true ROI
+            images): what t and the BMD line are fitted on.
     """
 
     generator: str = "hrnet"
@@ -45,6 +47,7 @@ class DecompositionSettings:
     lambda_l1: float = 100.0
     lambda_gc: float = 1.0
     thresholds: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2)
+    fit_on: str = "predicted"
 
     def arch(self, out_channels: int) -> dict[str, Any]:
         return {"kind": self.generator, "encoder": self.encoder, "ngf": self.ngf, "out_channels": out_channels}
