@@ -90,3 +90,24 @@ def upstream_failure(summary_path: str | os.PathLike[str]) -> None:
     summary = json.loads(p.read_text())
     if summary.get("status") != "ok":
         raise InputError(f"earlier stage {summary.get('stage')} failed: {summary.get('reason', 'no reason recorded')}")
+
+
+def fold_job(sm: Any) -> tuple[int, Any, list, list, list[str]]:
+    """Start of a per-fold training script: log file, threads, then ``(fold, settings, train, test, columns)``.
+
+    Args:
+        sm: the ``snakemake`` object of a rule with ``wildcards.fold``, inputs ``folds``, ``samples`` and
+            ``targets`` (every patient's targets folder) and ``params.settings`` (the train config slice).
+    """
+    import torch
+
+    from bmdpipe.train.jobs import fold_views
+    from bmdpipe.train.settings import TrainSettings
+
+    setup_logging(sm.log[0])
+    torch.set_num_threads(sm.threads)
+    fold = int(sm.wildcards.fold)
+    settings = TrainSettings.from_config(sm.params.settings)
+    train, test, columns = fold_views(sm.input.folds, fold, Path(sm.input.targets[0]).parent, sm.input.samples,
+                                      settings)
+    return fold, settings, train, test, columns

@@ -8,18 +8,11 @@ import _common  # noqa: F401  (puts bmdpipe on sys.path)
 
 from pathlib import Path
 
-import torch
-
 from bmdpipe.io.atomic import atomic_dir
-from bmdpipe.train.jobs import bmd_fit_job, fold_views
-from bmdpipe.train.settings import TrainSettings
-from bmdpipe.workflow import setup_logging
+from bmdpipe.train.jobs import bmd_fit_job
+from bmdpipe.workflow import fold_job
 
 sm = snakemake  # noqa: F821  (injected by Snakemake)
-setup_logging(sm.log[0])
-torch.set_num_threads(sm.threads)
-fold = int(sm.wildcards.fold)
-settings = TrainSettings.from_config(sm.params.settings)
-train, test, columns = fold_views(sm.input.folds, fold, Path(sm.input.targets[0]).parent, sm.input.samples, settings)
+fold, settings, train, test, columns = fold_job(sm)
 with atomic_dir(sm.output[0]) as out:
     bmd_fit_job(Path(sm.input.generator) / "generator.pt", train, test, columns, fold, settings, out)

@@ -8,20 +8,14 @@ import _common  # noqa: F401  (puts bmdpipe on sys.path)
 
 from pathlib import Path
 
-import torch
-
 from bmdpipe.io.atomic import atomic_dir
-from bmdpipe.train.jobs import fold_views, regression_predictions_job
+from bmdpipe.train.jobs import regression_predictions_job
 from bmdpipe.train.regression import train_regression
-from bmdpipe.train.settings import TrainSettings, work_dir
-from bmdpipe.workflow import setup_logging
+from bmdpipe.train.settings import work_dir
+from bmdpipe.workflow import fold_job
 
 sm = snakemake  # noqa: F821  (injected by Snakemake)
-setup_logging(sm.log[0])
-torch.set_num_threads(sm.threads)
-fold = int(sm.wildcards.fold)
-settings = TrainSettings.from_config(sm.params.settings)
-train, test, columns = fold_views(sm.input.folds, fold, Path(sm.input.targets[0]).parent, sm.input.samples, settings)
+fold, settings, train, test, columns = fold_job(sm)
 generator = Path(sm.input.generator) / "generator.pt" if "generator" in sm.input.keys() else None
 work = work_dir(f"results/checkpoints/{sm.rule}", fold, sm.params.settings, sm.params.code_version,
                 sorted({v.patient for v in train}), str(generator))
