@@ -20,4 +20,4 @@ init = Path(sm.input.init) / "generator.pt" if "init" in sm.input.keys() else No
 work = work_dir("results/checkpoints/decomposition", fold, stage, sm.params.settings, sm.params.code_version,
                 sorted({v.patient for v in train}), str(init))
 with atomic_dir(sm.output[0]) as out:
-    train_stage(train, stage, out, work, settings, init=init, seed=settings.seed + fold)
+    train_stage(train, stage, out, work, settings, init=init, seed=settings.seed + fold, progress=True)

@@ -20,5 +20,6 @@ generator = Path(sm.input.generator) / "generator.pt" if "generator" in sm.input
 work = work_dir(f"results/checkpoints/{sm.rule}", fold, sm.params.settings, sm.params.code_version,
                 sorted({v.patient for v in train}), str(generator))
 with atomic_dir(sm.output[0]) as out:
-    model = train_regression(train, columns, out, work, settings, generator=generator, seed=settings.seed + fold)
+    model = train_regression(train, columns, out, work, settings, generator=generator, seed=settings.seed + fold,
+                             progress=True)
     regression_predictions_job(model, test, fold, sm.params.method, out / "predictions.tsv")
