@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 import yaml
+from snakemake.utils import update_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, peak_rss_mb, timed  # noqa: E402
@@ -35,15 +36,11 @@ TRAINING_RULES = ["folds", "train_decomposition", "bmd_from_decomposition", "tra
 
 
 def merged(config: Path | None) -> dict:
-    """config.yaml with ``config`` layered over it (nested keys merge)."""
-    def merge(a: dict, b: dict) -> dict:
-        out = dict(a)
-        for k, v in b.items():
-            out[k] = merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
-        return out
-
+    """config.yaml with ``config`` layered over it, as Snakemake's ``--configfile`` does."""
     cfg = yaml.safe_load((REPO / "config.yaml").read_text())
-    return merge(cfg, yaml.safe_load(config.read_text())) if config else cfg
+    if config:
+        update_config(cfg, yaml.safe_load(config.read_text()))
+    return cfg
 
 
 def throughput(args: argparse.Namespace) -> None:

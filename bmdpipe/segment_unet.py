@@ -46,6 +46,7 @@ import torch
 
 from bmdpipe.errors import InputError
 from bmdpipe.segment import BONE_LABELS, VERTEBRAE
+from bmdpipe.train.loop import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -237,12 +238,6 @@ def sagittal_stack(volume: np.ndarray, index: np.ndarray | Sequence[int], contex
 # --------------------------------------------------------------------------- training
 
 
-def _device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def _pad_to(arr: np.ndarray, size: Sequence[int], value: float) -> np.ndarray:
     pad = [(max(0, (s - a) // 2), max(0, s - a - (s - a) // 2)) for a, s in zip(arr.shape, size)]
     return np.pad(arr, pad, constant_values=value) if any(p != (0, 0) for p in pad) else arr
@@ -366,9 +361,9 @@ def fit_unet(volumes: Sequence[tuple[np.ndarray, np.ndarray]], settings: UNetSet
     """
     from monai.losses import DiceCELoss
 
-    from bmdpipe.train.loop import TrainConfig, TrainState, fit, seed_everything, unwrap, wrap_ddp
+    from bmdpipe.train.loop import TrainConfig, TrainState, fit, seed_everything, unwrap, update, wrap_ddp
 
-    dev = _device(device)
+    dev = resolve_device(device)
     cfg = TrainConfig(epochs=settings.epochs, batch_size=settings.batch_size, seed=settings.seed, num_workers=0)
     seed_everything(settings.seed)
     model = wrap_ddp(build_network(settings), dev)
@@ -382,14 +377,7 @@ def fit_unet(volumes: Sequence[tuple[np.ndarray, np.ndarray]], settings: UNetSet
     def step(state: TrainState, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
         x, y = (t.to(dev) for t in batch)
         loss = loss_fn(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        if state.scaler is not None:
-            state.scaler.scale(loss).backward()
-            state.scaler.step(opt)
-            state.scaler.update()
-        else:
-            loss.backward()
-            opt.step()
+        update(loss, opt, state.scaler)
         return {"loss": float(loss.item())}
 
     fit(state, data, step, cfg, work_dir, progress=progress)
@@ -524,7 +512,7 @@ def load_segmenter(model_dir: str | os.PathLike[str], *, device: str = "cpu") ->
         raise InputError(f"{d}: no trained segmentation model (model.pt){reason}")
     payload = torch.load(path, map_location="cpu", weights_only=True)
     settings = UNetSettings.from_config(payload["settings"])
-    dev = _device(device)
+    dev = resolve_device(device)
     model = build_network(settings)
     model.load_state_dict(payload["state_dict"])
     meta = {"model_dir": str(d), "code_version": payload.get("code_version")}

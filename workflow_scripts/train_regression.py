@@ -22,4 +22,4 @@ work = work_dir(f"results/checkpoints/{sm.rule}", fold, sm.params.settings, sm.p
 with atomic_dir(sm.output[0]) as out:
     model = train_regression(train, columns, out, work, settings, generator=generator, seed=settings.seed + fold,
                              progress=True)
-    regression_predictions_job(model, test, fold, sm.params.method, out / "predictions.tsv")
+    regression_predictions_job(model, test, fold, sm.params.method, out / "predictions.tsv", device=settings.device)

@@ -80,6 +80,7 @@ class Pix2PixHDDecoder(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int = 1, ngf: int = 32) -> None:
         super().__init__()
+        self.in_channels = in_channels
         layers: list[nn.Module] = [nn.Conv2d(in_channels, ngf * 4, 3, padding=1), group_norm(ngf * 4), nn.ReLU(True)]
         ch = ngf * 4
         for _ in range(2):
@@ -109,6 +110,11 @@ class Generator(nn.Module):
     def hrnet(cls, name: str = "hrnet_w18_small_v2", ngf: int = 32, out_channels: int = 1) -> "Generator":
         enc = HRNetEncoder(name)
         return cls(enc, Pix2PixHDDecoder(enc.out_channels, out_channels, ngf))
+
+    @property
+    def feature_channels(self) -> int:
+        """Channels of the encoder's 1/4-resolution features (what the stage-3 head takes)."""
+        return self.decoder.in_channels
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)

@@ -28,13 +28,12 @@ from bmdpipe.train.data import Augment, View, ViewDataset, augment
 from bmdpipe.train.loop import (
     TrainConfig,
     TrainState,
-    backward,
     fit,
     is_main,
     seed_everything,
     setup_device,
-    step,
     unwrap,
+    update,
     wrap_ddp,
 )
 from bmdpipe.train.settings import STAGE_VERSION, DecompositionSettings, TrainSettings
@@ -70,18 +69,12 @@ def gan_step(gen: torch.nn.Module, disc: torch.nn.Module, opt_g: torch.optim.Opt
     """
     fake = gen(x)
     d_loss = discriminator_loss(disc(torch.cat([x, y], 1)), disc(torch.cat([x, fake.detach()], 1)))
-    opt_d.zero_grad(set_to_none=True)
-    backward(d_loss, scaler)
-    step(opt_d, scaler)
+    update(d_loss, opt_d, scaler)
     with torch.no_grad():
         d_real = disc(torch.cat([x, y], 1))
     parts = generator_loss(fake, y, disc(torch.cat([x, fake], 1)), d_real, lambda_fm=dec.lambda_fm,
                            lambda_l1=dec.lambda_l1, lambda_gc=dec.lambda_gc)
-    opt_g.zero_grad(set_to_none=True)
-    backward(parts["total"], scaler)
-    step(opt_g, scaler)
-    if scaler is not None:
-        scaler.update()
+    update(parts["total"], opt_g, scaler)
     return {"loss_d": d_loss.item(), **{f"loss_g_{k}": v.item() for k, v in parts.items()}}
 
 

@@ -28,6 +28,7 @@ from bmdpipe.samples import load_samples
 from bmdpipe.train.bmd_fit import fit_column
 from bmdpipe.train.data import View, bmd_columns, bmd_labels, load_views
 from bmdpipe.train.folds import make_folds, split
+from bmdpipe.train.loop import resolve_device
 from bmdpipe.train.settings import STAGE_VERSION, TrainSettings
 
 PREDICTION_COLUMNS = ["patient_id", "view", "fold", "method", "column", "truth", "pred"]
@@ -116,8 +117,8 @@ def write_table(df: pd.DataFrame, path: str | os.PathLike[str]) -> None:
 
 
 def bmd_fit_job(generator_path: str | os.PathLike[str], train: Sequence[View], test: Sequence[View],
-                columns: Sequence[str], fold: int, settings: TrainSettings, out_dir: str | os.PathLike[str],
-                *, device: str = "cpu") -> dict:
+                columns: Sequence[str], fold: int, settings: TrainSettings,
+                out_dir: str | os.PathLike[str]) -> dict:
     """Choose t and fit the lines on the training views; apply them to the held-out views.
 
     The ``decomposition`` method's t and line are fitted on the generator's images of the training views
@@ -130,7 +131,7 @@ def bmd_fit_job(generator_path: str | os.PathLike[str], train: Sequence[View], t
     """
     from bmdpipe.train.decomposition import load_generator, predict
 
-    gen, _ = load_generator(generator_path, device)
+    gen, _ = load_generator(generator_path, resolve_device(settings.device))
     thresholds = settings.decomposition.thresholds
     true_train = np.stack([v.roi for v in train])
     labels_train = np.stack([v.bmd for v in train])
@@ -162,11 +163,11 @@ def bmd_fit_job(generator_path: str | os.PathLike[str], train: Sequence[View], t
 
 
 def regression_predictions_job(model_path: str | os.PathLike[str], test: Sequence[View], fold: int, method: str,
-                               out: str | os.PathLike[str], *, device: str = "cpu") -> pd.DataFrame:
-    """Held-out predictions of a stage-3 or baseline model, written to ``out`` (predictions.tsv)."""
+                               out: str | os.PathLike[str], *, device: str = "auto") -> pd.DataFrame:
+    """Held-out predictions of a stage-3 or baseline model (on ``device``: auto, cpu, cuda), written to ``out``."""
     from bmdpipe.train.regression import load_regressor, predict_bmd
 
-    model, payload = load_regressor(model_path, device)
+    model, payload = load_regressor(model_path, resolve_device(device))
     columns = payload["norm"]["columns"]
     table = prediction_rows(test, fold, method, columns, predict_bmd(model, payload["norm"], test))
     write_table(table, out)

@@ -83,6 +83,20 @@ def distributed_env() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
+def resolve_device(prefer: str | torch.device = "auto", index: int | None = None) -> torch.device:
+    """The torch device for a config value: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+
+    Raises:
+        RuntimeError: ``"cuda"`` without a GPU.
+    """
+    prefer = str(prefer)
+    if prefer.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA GPU; set the device to auto or cpu")
+    if prefer == "auto":
+        prefer = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(f"cuda:{index}" if prefer == "cuda" and index is not None else prefer)
+
+
 def setup_device(prefer: str = "auto") -> torch.device:
     """Join the process group when launched by torchrun (NCCL on CUDA, gloo on the CPU); pick the device.
 
@@ -90,10 +104,8 @@ def setup_device(prefer: str = "auto") -> torch.device:
         prefer: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
     """
     rank, world, local = distributed_env()
-    if prefer == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA GPU; set the device to auto or cpu")
-    cuda = prefer != "cpu" and torch.cuda.is_available()
-    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    device = resolve_device(prefer, local)
+    cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
@@ -130,16 +142,15 @@ def make_loader(dataset: Dataset, cfg: TrainConfig, epoch: int, *, shuffle: bool
                       num_workers=cfg.num_workers)
 
 
-def backward(loss: torch.Tensor, scaler: Any = None) -> None:
-    """``loss.backward()``, through the AMP gradient scaler when there is one (CUDA)."""
-    (scaler.scale(loss) if scaler is not None else loss).backward()
-
-
-def step(optimizer: torch.optim.Optimizer, scaler: Any = None) -> None:
-    """``optimizer.step()``, through the AMP gradient scaler when there is one (call ``scaler.update()`` after)."""
+def update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: Any = None) -> None:
+    """One optimizer update from ``loss``: zero the gradients, backward, step; through the AMP gradient
+    scaler when there is one (CUDA; :func:`fit` calls ``scaler.update()`` once per batch)."""
+    optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
+        scaler.scale(loss).backward()
         scaler.step(optimizer)
     else:
+        loss.backward()
         optimizer.step()
 
 
@@ -220,6 +231,8 @@ def fit(
         for batch in batches:
             with torch.autocast(state.device.type, enabled=state.device.type == "cuda" and cfg.amp):
                 values = train_step(state, batch)
+            if state.scaler is not None:
+                state.scaler.update()
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             n += 1

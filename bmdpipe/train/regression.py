@@ -27,27 +27,28 @@ from bmdpipe.train.data import Augment, View, ViewDataset, augment
 from bmdpipe.train.loop import (
     TrainConfig,
     TrainState,
-    backward,
     fit,
     is_main,
     seed_everything,
     setup_device,
-    step,
     unwrap,
+    update,
     wrap_ddp,
 )
 from bmdpipe.train.settings import STAGE_VERSION, TrainSettings
 
 
-def build_regressor(arch: dict) -> torch.nn.Module:
+def build_regressor(arch: dict, generator: torch.nn.Module | None = None) -> torch.nn.Module:
     """A model from its description: ``{"kind": "stage3", "generator", "head", "feature_hw", "n_outputs"}``
-    or ``{"kind": "baseline", "model", "n_outputs"}``."""
+    or ``{"kind": "baseline", "model", "n_outputs"}``.
+
+    ``generator``: stage 3 inherits this generator's encoder (weights included); None builds a fresh one.
+    """
     if arch["kind"] == "baseline":
         return conventional_regressor(arch["n_outputs"], arch["model"])
-    encoder = build_generator(arch["generator"]).encoder
-    channels = encoder.out_channels if hasattr(encoder, "out_channels") else arch["generator"]["ngf"] * 4
-    head = RegressionHead(channels, tuple(arch["feature_hw"]), arch["n_outputs"], **arch["head"])
-    return Regressor(encoder, head)
+    gen = generator if generator is not None else build_generator(arch["generator"])
+    head = RegressionHead(gen.feature_channels, tuple(arch["feature_hw"]), arch["n_outputs"], **arch["head"])
+    return Regressor(gen.encoder, head)
 
 
 def save_regressor(model: torch.nn.Module, arch: dict, norm: dict, path: str | os.PathLike[str], **extra) -> None:
@@ -96,10 +97,9 @@ def train_regression(
         arch = {"kind": "stage3", "generator": payload["arch"], "feature_hw": [h // 4, w // 4],
                 "n_outputs": len(columns), "head": {"dims": list(reg.dims), "depths": list(reg.depths),
                                                     "heads": list(reg.heads)}}
-        model = build_regressor(arch)
         gen = build_generator(payload["arch"])
         gen.load_state_dict(payload["state_dict"])
-        model.encoder.load_state_dict(gen.encoder.state_dict())
+        model = build_regressor(arch, gen)
         phases = [("frozen", reg.frozen_epochs, reg.lr, True), ("tune", reg.tune_epochs, reg.tune_lr, False)]
         restart, wd = reg.restart_epochs, reg.weight_decay
     else:
@@ -130,11 +130,7 @@ def train_regression(
             x, bmd, weight = batch[0].to(device), batch[3].to(device), batch[4].to(device)
             x, _ = augment(x, [], aug)
             loss = weighted_l1(net(x).float(), (bmd - mean.to(device)) / sd.to(device), weight)
-            opt.zero_grad(set_to_none=True)
-            backward(loss, state.scaler)
-            step(opt, state.scaler)
-            if state.scaler is not None:
-                state.scaler.update()
+            update(loss, opt, state.scaler)
             return {"loss": loss.item()}
 
         cfg = TrainConfig(epochs=epochs, batch_size=settings.batch_size, seed=seed, amp=settings.amp)
