@@ -92,22 +92,28 @@ def upstream_failure(summary_path: str | os.PathLike[str]) -> None:
         raise InputError(f"earlier stage {summary.get('stage')} failed: {summary.get('reason', 'no reason recorded')}")
 
 
-def fold_job(sm: Any) -> tuple[int, Any, list, list, list[str]]:
-    """Start of a per-fold training script: log file, threads, then ``(fold, settings, train, test, columns)``.
+def fold_job(sm: Any) -> tuple[dict[str, Any], Any]:
+    """Start of a per-fold training script: log file and threads, then ``(job arguments, settings)``.
+
+    The job arguments are the picklable keyword arguments every fold job in :mod:`bmdpipe.train.jobs`
+    takes (``folds``, ``fold``, ``targets_root``, ``samples``, ``settings``), so that
+    :func:`bmdpipe.train.launch.launch` can hand them to torchrun processes; ``settings`` is the
+    parsed :class:`~bmdpipe.train.settings.TrainSettings`.
 
     Args:
         sm: the ``snakemake`` object of a rule with ``wildcards.fold``, inputs ``folds``, ``samples`` and
             ``targets`` (every patient's targets folder) and ``params.settings`` (the train config slice).
     """
+    import json
+
     import torch
 
-    from bmdpipe.train.jobs import fold_views
     from bmdpipe.train.settings import TrainSettings
 
     setup_logging(sm.log[0])
     torch.set_num_threads(sm.threads)
-    fold = int(sm.wildcards.fold)
-    settings = TrainSettings.from_config(sm.params.settings)
-    train, test, columns = fold_views(sm.input.folds, fold, Path(sm.input.targets[0]).parent, sm.input.samples,
-                                      settings)
-    return fold, settings, train, test, columns
+    config = json.loads(json.dumps(dict(sm.params.settings)))  # plain dicts and lists, as the checkpoint key hashes them
+    job = {"folds": str(sm.input.folds), "fold": int(sm.wildcards.fold),
+           "targets_root": str(Path(sm.input.targets[0]).parent), "samples": str(sm.input.samples),
+           "settings": config}
+    return job, TrainSettings.from_config(config)

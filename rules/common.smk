@@ -181,7 +181,9 @@ COHORT_FILES = written_by_cohort_rule()
 
 TRAIN = config["train"]
 FOLDS = list(range(TRAIN["folds"]))
-TRAIN_GPUS = 1 if TRAIN["device"] == "cuda" else 0
+#: GPUs a training job asks for (one per DDP process) and a single-process inference job.
+TRAIN_GPUS = TRAIN["processes"] if TRAIN["device"] == "cuda" else 0
+INFER_GPUS = 1 if TRAIN["device"] == "cuda" else 0
 
 wildcard_constraints:
     fold=r"\d+",

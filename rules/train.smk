@@ -3,7 +3,9 @@
 # regression and the conventional baseline; the metrics pool the held-out folds.
 # Each rule's params carry its config slice and the code version, so a changed
 # setting re-trains only what depends on it. Killed training resumes from the
-# checkpoints under results/checkpoints/.
+# checkpoints under results/checkpoints/. With train.processes > 1 the GAN,
+# stage-3 and baseline jobs run under torchrun (DistributedDataParallel), one
+# process per GPU with train.device: cuda (resources gpu=processes).
 
 
 rule folds:
@@ -66,6 +68,7 @@ rule bmd_from_decomposition:
     threads: 1
     resources:
         mem_mb=4000,
+        gpu=INFER_GPUS,
     conda:
         "../envs/bmdpipe.yaml"
     script:

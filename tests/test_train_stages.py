@@ -197,12 +197,42 @@ def test_killed_gan_training_resumes_to_the_same_state(cohort, tmp_path):
     assert [r["loss_g_total"] for r in resumed] == [r["loss_g_total"] for r in straight]
 
 
-def test_gan_under_torchrun_two_cpu_processes(cohort, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(GAN_SCRIPT),
-           str(cohort), str(tmp_path / "ddp"), "--epochs", "2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = _rows(tmp_path / "ddp" / "model" / "metrics.csv")
-    assert [int(r["epoch"]) for r in rows] == [1, 2]
-    info = json.loads((tmp_path / "ddp" / "model" / "train.json").read_text())
-    assert info["status"] == "ok" and (tmp_path / "ddp" / "model" / "generator.pt").exists()
+def test_training_jobs_under_torchrun_two_cpu_processes(cohort, tmp_path):
+    """The rules' launch path with train.processes 2: GAN stage 1, stage 3 (frozen, then tuned) and the baseline,
+    each in 2 gloo processes started by torchrun through bmdpipe.train.launch."""
+    from bmdpipe.train.launch import launch
+
+    config = {"folds": 3, "image_size": [64, 64], "batch_size": 2, "device": "cpu", "processes": 2,
+              "decomposition": {"encoder": "hrnet_w18_small", "ngf": 8, "ndf": 8, "num_d": 1, "stage1_epochs": 2},
+              "regression": {"dims": [16, 32], "heads": [2, 2], "frozen_epochs": 1, "tune_epochs": 1},
+              "baseline": {"model": "resnet10t", "epochs": 1}}
+    settings = TrainSettings.from_config(config)
+    targets = {p.name: p for p in sorted((cohort / "targets").iterdir())}
+    jobs.write_folds(targets, cohort / "samples.tsv", settings, tmp_path / "folds.json")
+    job = {"folds": str(tmp_path / "folds.json"), "fold": 0, "targets_root": str(cohort / "targets"),
+           "samples": str(cohort / "samples.tsv"), "settings": config, "code_version": "test"}
+    log = tmp_path / "job.log"
+    stage1 = tmp_path / "stage1"
+    launch("bmdpipe.train.jobs:decomposition_fold_job",
+           {**job, "stage": 1, "out": str(stage1), "checkpoints": str(tmp_path / "ck")},
+           processes=2, threads=2, log_file=log)
+    assert [int(r["epoch"]) for r in _rows(stage1 / "metrics.csv")] == [1, 2]
+    info = json.loads((stage1 / "train.json").read_text())
+    assert info["processes"] == 2 and info["status"] == "ok", info
+    for method, generator in (("decomposition+regression", str(stage1 / "generator.pt")), ("baseline", None)):
+        out = tmp_path / method
+        launch("bmdpipe.train.jobs:regression_fold_job",
+               {**job, "out": str(out), "checkpoints": str(tmp_path / "ck" / method), "method": method,
+                "generator": generator}, processes=2, threads=2, log_file=log)
+        info = json.loads((out / "train.json").read_text())
+        assert info["processes"] == 2 and info["status"] == "ok", info
+        predictions = pd.read_csv(out / "predictions.tsv", sep="\t")
+        test_views = jobs.fold_views(tmp_path / "folds.json", 0, cohort / "targets", cohort / "samples.tsv",
+                                     settings)[1]
+        assert set(predictions.method) == {method} and predictions.view.nunique() > 0
+        assert len(predictions) == sum(np.isfinite(v.bmd).sum() for v in test_views)
+    assert "[rank 0]" in log.read_text() and "[rank 1]" not in log.read_text()
+    with pytest.raises(RuntimeError, match="torchrun \\(2 processes\\)"):  # a failing rank fails the job
+        launch("bmdpipe.train.jobs:decomposition_fold_job",
+               {**job, "fold": 7, "stage": 1, "out": str(tmp_path / "bad"), "checkpoints": str(tmp_path / "ck")},
+               processes=2, threads=2)

@@ -9,10 +9,11 @@ import _common  # noqa: F401  (puts bmdpipe on sys.path)
 from pathlib import Path
 
 from bmdpipe.io.atomic import atomic_dir
-from bmdpipe.train.jobs import bmd_fit_job
+from bmdpipe.train.jobs import bmd_fit_job, fold_views
 from bmdpipe.workflow import fold_job
 
 sm = snakemake  # noqa: F821  (injected by Snakemake)
-fold, settings, train, test, columns = fold_job(sm)
+job, settings = fold_job(sm)
+train, test, columns = fold_views(job["folds"], job["fold"], job["targets_root"], job["samples"], settings)
 with atomic_dir(sm.output[0]) as out:
-    bmd_fit_job(Path(sm.input.generator) / "generator.pt", train, test, columns, fold, settings, out)
+    bmd_fit_job(Path(sm.input.generator) / "generator.pt", train, test, columns, job["fold"], settings, out)

@@ -29,6 +29,7 @@ from bmdpipe.train.loop import (
     TrainConfig,
     TrainState,
     fit,
+    distributed_env,
     is_main,
     seed_everything,
     setup_device,
@@ -138,7 +139,7 @@ def train_stage(
             "stage": f"decomposition_stage{stage}", "status": "ok", "code_version": STAGE_VERSION,
             "bmdpipe_version": __version__, "epochs": epochs, "views": len(views),
             "patients": sorted({v.patient for v in views}), "init": str(init) if init else None,
-            "seconds": time.perf_counter() - start, "device": str(device),
+            "seconds": time.perf_counter() - start, "device": str(device), "processes": distributed_env()[1],
             "final": state.history[-1] if state.history else {},
         })
         shutil.rmtree(work, ignore_errors=True)

@@ -172,3 +172,40 @@ def regression_predictions_job(model_path: str | os.PathLike[str], test: Sequenc
     table = prediction_rows(test, fold, method, columns, predict_bmd(model, payload["norm"], test))
     write_table(table, out)
     return table
+
+
+def decomposition_fold_job(*, folds: str, fold: int, targets_root: str, samples: str, settings: dict, stage: int,
+                           out: str, checkpoints: str, code_version: str, init: str | None = None) -> None:
+    """Rule train_decomposition: one GAN stage of one fold, trained on its training views into ``out``.
+
+    Takes only picklable arguments (paths and the rule's train config slice) so that
+    :func:`bmdpipe.train.launch.launch` can run it in every torchrun process. Checkpoints go to a
+    folder under ``checkpoints`` keyed by the settings, code version, training patients and ``init``.
+    """
+    from bmdpipe.train.decomposition import train_stage
+    from bmdpipe.train.settings import work_dir
+
+    parsed = TrainSettings.from_config(settings)
+    train, _, _ = fold_views(folds, fold, targets_root, samples, parsed)
+    work = work_dir(checkpoints, fold, stage, settings, code_version, sorted({v.patient for v in train}), str(init))
+    train_stage(train, stage, out, work, parsed, init=init, seed=parsed.seed + fold, progress=True)
+
+
+def regression_fold_job(*, folds: str, fold: int, targets_root: str, samples: str, settings: dict, out: str,
+                        checkpoints: str, code_version: str, method: str, generator: str | None = None) -> None:
+    """Rules train_regression (``generator`` = the stage-2 ``generator.pt``) and train_baseline (None).
+
+    Trains on the fold's training views, then (rank 0) writes the held-out ``predictions.tsv`` into ``out``.
+    Picklable arguments only, as :func:`decomposition_fold_job`.
+    """
+    from bmdpipe.train.loop import is_main
+    from bmdpipe.train.regression import train_regression
+    from bmdpipe.train.settings import work_dir
+
+    parsed = TrainSettings.from_config(settings)
+    train, test, columns = fold_views(folds, fold, targets_root, samples, parsed)
+    work = work_dir(checkpoints, fold, settings, code_version, sorted({v.patient for v in train}), str(generator))
+    model = train_regression(train, columns, out, work, parsed, generator=generator, seed=parsed.seed + fold,
+                             progress=True)
+    if is_main():
+        regression_predictions_job(model, test, fold, method, Path(out) / "predictions.tsv", device=parsed.device)

@@ -27,6 +27,7 @@ from bmdpipe.train.data import Augment, View, ViewDataset, augment
 from bmdpipe.train.loop import (
     TrainConfig,
     TrainState,
+    distributed_env,
     fit,
     is_main,
     seed_everything,
@@ -148,7 +149,7 @@ def train_regression(
             "code_version": STAGE_VERSION, "bmdpipe_version": __version__, "columns": list(columns),
             "views": len(views), "patients": sorted({v.patient for v in views}),
             "generator": str(generator) if generator else None, "seconds": time.perf_counter() - start,
-            "device": str(device), "final": history[-1] if history else {},
+            "device": str(device), "processes": distributed_env()[1], "final": history[-1] if history else {},
         })
         shutil.rmtree(work, ignore_errors=True)
     return out / "model.pt"

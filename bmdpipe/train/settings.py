@@ -98,6 +98,9 @@ class TrainSettings:
         batch_size: per process.
         seed: of weights and batches (the fold number is added).
         device: ``auto``, ``cpu`` or ``cuda``; AMP on CUDA when ``amp``.
+        processes: DistributedDataParallel processes per training job, under torchrun
+            (:mod:`bmdpipe.train.launch`): one per GPU with ``device`` cuda; gloo processes on the CPU.
+            ``batch_size`` is per process.
         augment: :class:`bmdpipe.train.data.Augment` keys.
     """
 
@@ -111,6 +114,7 @@ class TrainSettings:
     seed: int = 0
     device: str = "auto"
     amp: bool = True
+    processes: int = 1
     augment: dict[str, Any] = field(default_factory=dict)
     decomposition: DecompositionSettings = DecompositionSettings()
     regression: RegressionSettings = RegressionSettings()
