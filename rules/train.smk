@@ -127,9 +127,13 @@ rule evaluate_bmd:
         decomposition=expand("results/models/decomposition/fold{fold}/bmd", fold=FOLDS),
         regression=expand("results/models/regression/fold{fold}", fold=FOLDS),
         baseline=expand("results/models/baseline/fold{fold}", fold=FOLDS),
+        samples=COHORT["samples"],
     output:
         metrics="results/metrics/bmd.tsv",
+        figures="results/metrics/bmd.json",
         predictions="results/metrics/predictions.tsv",
+    params:
+        settings=config["evaluate"],
     log:
         "results/logs/evaluate_bmd.log",
     benchmark:

@@ -1,6 +1,8 @@
-"""Rule evaluate_bmd: every fold's held-out predictions → results/metrics/bmd.tsv and predictions.tsv.
+"""Rule evaluate_bmd: every fold's held-out predictions → results/metrics/{bmd.tsv,bmd.json,predictions.tsv}.
 
-bmd.tsv: per method and BMD column, PCC, ICC(2,1), MAE, SEE, bias and RMS-CV across poses, pooled over folds.
+bmd.tsv: per method and BMD column, PCC, ICC(2,1), MAE, SEE, bias and RMS-CV across poses, pooled over folds
+(seed 004 Table 2's layout). bmd.json: every figure with patient-level bootstrap 95 % CIs, per pose, and
+T-score screening (AUCs, sensitivity and specificity at seed 000's thresholds, per site and per patient).
 """
 
 import _common  # noqa: F401  (puts bmdpipe on sys.path)
@@ -9,7 +11,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from bmdpipe.evaluate.bmd import summarise
+from bmdpipe.evaluate.bmd import evaluate, summarise
+from bmdpipe.io.atomic import write_json
+from bmdpipe.samples import load_samples
 from bmdpipe.train.jobs import write_table
 from bmdpipe.workflow import log, setup_logging
 
@@ -18,6 +22,12 @@ setup_logging(sm.log[0])
 folders = [*sm.input.decomposition, *sm.input.regression, *sm.input.baseline]
 predictions = pd.concat([pd.read_csv(Path(d) / "predictions.tsv", sep="\t") for d in folders], ignore_index=True)
 table = summarise(predictions)
+sheet = load_samples(sm.input.samples, check_paths=False)
+sexes = dict(sheet.drop_duplicates("patient_id").set_index("patient_id")["sex"]) if "sex" in sheet else {}
+settings = sm.params.settings
+figures = evaluate(predictions, sexes, reference=settings["tscore_reference"], n_boot=settings["bootstrap"],
+                   seed=settings["seed"])
 write_table(predictions, sm.output.predictions)
 write_table(table, sm.output.metrics)
+write_json(sm.output.figures, figures)
 log.info("held-out BMD agreement:\n%s", table.to_string(index=False))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import numpy as np
 import pandas as pd
 
+from bmdpipe import tscore
 from bmdpipe.evaluate import metrics
 
 #: Row order of the results table.
@@ -33,3 +36,110 @@ def summarise(predictions: pd.DataFrame) -> pd.DataFrame:
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
     table["_o"] = table.method.map(lambda m: order.get(m, len(order)))
     return table.sort_values(["column", "_o"]).drop(columns="_o").reset_index(drop=True)
+
+
+#: Agreement figures with patient-level bootstrap CIs: name → f(truth, pred) (units of the column).
+AGREEMENT = {
+    "pcc": metrics.pcc,
+    "icc": metrics.icc,
+    "mae": metrics.mae,
+    "see": metrics.see,
+    "bias": lambda y, x: metrics.bland_altman(y, x)["bias"],
+    "loa_lower": lambda y, x: metrics.bland_altman(y, x)["loa_lower"],
+    "loa_upper": lambda y, x: metrics.bland_altman(y, x)["loa_upper"],
+}
+
+
+def _with_ci(func, *arrays, groups, n_boot: int, seed: int) -> dict[str, Any]:
+    try:
+        value = func(*arrays)
+    except ValueError:
+        return {"value": None, "ci95": [None, None]}
+    lo, hi = metrics.bootstrap_ci(func, *arrays, groups=groups, n_boot=n_boot, seed=seed) if n_boot else (None, None)
+    return {"value": value, "ci95": [lo, hi]}
+
+
+def _per_patient_t(g: pd.DataFrame, column: str, sexes: Mapping[str, str], reference) -> pd.DataFrame:
+    """Per patient (views averaged): true and predicted T-scores of one DXA column; patients of unknown sex dropped."""
+    site = column.split("_", 1)[1]
+    means = g[g.column == column].groupby("patient_id")[["truth", "pred"]].mean()
+    rows = {}
+    for patient, r in means.iterrows():
+        sex = sexes.get(patient)
+        if sex not in ("F", "M"):
+            continue
+        rows[patient] = (tscore.t_score(r.truth, site, sex, reference), tscore.t_score(r.pred, site, sex, reference))
+    return pd.DataFrame.from_dict(rows, orient="index", columns=["true_t", "pred_t"])
+
+
+def evaluate(predictions: pd.DataFrame, sexes: Mapping[str, str], *, reference: Any = tscore.DEFAULT_REFERENCE,
+             n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Every held-out figure per method: agreement with CIs, per pose, and T-score screening.
+
+    Args:
+        predictions: long table ``patient_id, view, method, column, truth, pred`` (g/cm² for ``dxa_*``,
+            mg/cm³ for ``qct_*``), pooled over the folds.
+        sexes: patient_id → ``"F"``/``"M"`` (the sheet's ``sex``), for the T-score reference.
+        reference: T-score reference (:func:`bmdpipe.tscore.reference_table`).
+        n_boot: bootstrap resamples of whole patients (several poses stay together); 0 = no CIs.
+
+    Returns:
+        ``{"methods": {method: {"columns": {column: {n_views, n_patients, agreement: {name: {value, ci95}},
+        rms_cv, per_pose: {view: {n_views, pcc, mae, bias}}}}, "screening": {site: ..., "patient": ...}}}``
+        plus the forms used. Screening (DXA columns only) averages each patient's views, then T-scores
+        both truth and prediction with the same reference; see :func:`bmdpipe.evaluate.metrics.screening`.
+        Figures that cannot be computed (fewer than 3 pairs, one class only) are None.
+    """
+    out: dict[str, Any] = {
+        "forms": {"icc": "ICC(2,1) absolute agreement (pingouin ICC2)", "see": "reference regressed on estimate",
+                  "rms_cv": "RMS over patients of SD/mean across poses", "ci95": "percentile bootstrap over patients",
+                  "screening": "patient mean over views; truth positive at T <= -2.5; patient positive when any site is"},
+        "tscore_reference": reference, "bootstrap": {"n": n_boot, "seed": seed, "level": 0.95}, "methods": {}}
+    for method in sorted(predictions.method.unique(), key=lambda m: (METHOD_ORDER + [m]).index(m)):
+        gm = predictions[predictions.method == method].dropna(subset=["truth", "pred"])
+        entry: dict[str, Any] = {"columns": {}}
+        for column, g in gm.groupby("column", sort=False):
+            col: dict[str, Any] = {"n_views": len(g), "n_patients": int(g.patient_id.nunique())}
+            groups = g.patient_id.to_numpy()
+            col["agreement"] = {name: _with_ci(f, g.truth.to_numpy(), g.pred.to_numpy(), groups=groups,
+                                               n_boot=n_boot, seed=seed) for name, f in AGREEMENT.items()}
+            repeated = [p.pred.to_numpy() for _, p in g.groupby("patient_id") if len(p) > 1]
+            col["rms_cv"] = metrics.rms_cv(repeated) if repeated else None
+            col["per_pose"] = {}
+            for view, p in g.groupby("view"):
+                pose = {"n_views": len(p)}
+                for name in ("pcc", "mae", "bias"):
+                    pose[name] = _with_ci(AGREEMENT[name], p.truth.to_numpy(), p.pred.to_numpy(), groups=None,
+                                          n_boot=0, seed=seed)["value"]
+                col["per_pose"][view] = pose
+            entry["columns"][column] = col
+        dxa = [c for c in entry["columns"] if c.startswith("dxa_")]
+        if dxa:
+            per_site = {c.split("_", 1)[1]: _per_patient_t(gm, c, sexes, reference) for c in dxa}
+            patients = sorted(set().union(*(t.index for t in per_site.values())))
+            true_t = {s: t.true_t.reindex(patients).to_numpy() for s, t in per_site.items()}
+            pred_t = {s: t.pred_t.reindex(patients).to_numpy() for s, t in per_site.items()}
+            screen = metrics.screening(true_t, pred_t)
+            for site, t in per_site.items():
+                positive = (t.true_t <= tscore.OSTEOPOROSIS_T).to_numpy()
+                screen["vertebra"][site]["auc_osteoporosis_ci95"] = _with_ci(
+                    metrics.auc, positive, -t.pred_t.to_numpy(), groups=None, n_boot=n_boot, seed=seed)["ci95"]
+                screen["vertebra"][site]["n_patients"] = len(t)
+                screen["vertebra"][site]["n_osteoporosis"] = int(positive.sum())
+            screen["n_patients"] = len(patients)
+            entry["screening"] = screen
+        out["methods"][method] = entry
+    return _finite(out)
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities → None, numpy scalars → Python numbers, so the result is strict JSON."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
