@@ -22,8 +22,12 @@ $(STAMP): pyproject.toml
 demo: install  ## run the whole pipeline on config.yaml
 	$(BIN)/snakemake --cores $(CORES)
 
-test: install  ## run the test suite (as root it also installs Debian's SLURM for tests/test_slurm.py)
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends
+
+test: install  ## run the test suite (as root it also installs Debian's SLURM and Chromium for the tests)
 	@if [ "$$(id -u)" = 0 ]; then bash tests/slurm/start_local_slurm.sh --install-only; fi
+	@if [ "$$(id -u)" = 0 ] && ! command -v chromium >/dev/null; then \
+		$(APT_INSTALL) chromium >/dev/null || { apt-get update -q >/dev/null && $(APT_INSTALL) chromium >/dev/null; }; fi
 	$(BIN)/python -m pytest
 
 lint: install  ## snakemake's linter

@@ -18,6 +18,7 @@ include: "rules/register.smk"
 include: "rules/targets.smk"
 include: "rules/qc.smk"
 include: "rules/train.smk"
+include: "rules/report.smk"
 
 
 rule all:

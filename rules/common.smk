@@ -1,5 +1,6 @@
 # Shared Python for the rules: config validation, the samples table, wildcard
 # constraints and input functions. No rule is defined here.
+import os
 import re
 from pathlib import Path
 
@@ -37,7 +38,24 @@ def load_cohort():
     return sample_sheet.validate_samples(table.astype(str).replace("nan", ""), COHORT["samples"], check_paths=False)
 
 
-SAMPLES = load_cohort()
+def relative_to_workdir(table):
+    """Sheet paths inside the working directory, made relative to it.
+
+    Snakemake records each job's input paths; relative ones keep a copied or moved
+    project (``--directory``) up to date instead of re-running every job because the
+    absolute paths changed. Paths outside it (a hospital's archive) stay absolute.
+    """
+    cwd = Path.cwd().resolve()
+    for col in sample_sheet.PATH_COLUMNS:
+        if col in table:
+            table[col] = [
+                os.path.relpath(v, cwd) if isinstance(v, str) and v and Path(v).is_relative_to(cwd) else v
+                for v in table[col]
+            ]
+    return table
+
+
+SAMPLES = relative_to_workdir(load_cohort())
 PATIENTS = sample_sheet.patients(SAMPLES)
 
 
@@ -232,9 +250,17 @@ def get_decomposition_input(wildcards):
     return inputs
 
 
+def get_report_input(wildcards):
+    """What the report reads: the QC table (after every per-patient stage), the sheet, the metrics."""
+    inputs = {"qc": "results/qc/patients.tsv", "samples": COHORT["samples"]}
+    if TRAIN["enabled"]:
+        inputs["metrics"] = "results/metrics/bmd.json"
+    return inputs
+
+
 def get_final_output():
-    """What `snakemake` with no target builds."""
-    out = ["results/qc/patients.tsv"]
+    """What `snakemake` with no target builds: the report, and the tables it is built from."""
+    out = ["results/qc/patients.tsv", "results/report/index.html"]
     if TRAIN["enabled"]:
         out.append("results/metrics/bmd.tsv")
     return out

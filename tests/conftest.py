@@ -130,3 +130,54 @@ def phi_values(*datasets_) -> set[str]:
                 if ds[kw].VR == "PN":
                     values.update(part for part in text.split("^") if len(part) >= 4)
     return {v for v in values if len(v) >= 4}
+
+
+def snakemake_run(*args, cwd=REPO, check=True, timeout=900):
+    """``snakemake -s Snakefile ARGS`` in a subprocess; on failure (``check``) the error shows its output's tail."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), *args]
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def tiny_virtual_config() -> dict:
+    """config.yaml at three virtual patients with tiny networks: every stage through training in minutes.
+
+    Two patients have label maps (supplied segmentation) and the third is segmented by the U-Net trained on
+    them; 2 folds. The quality figures of full-size settings are in benchmarks/.
+    """
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    cfg["cohort"]["simulate"].update(n_patients=3, seed=2, label_fraction=0.5)
+    cfg["segment"]["unet"].update(epochs=2, steps_per_epoch=3, mc_samples=2)
+    tiny = {"stage1_epochs": 1, "stage2_epochs": 1, "ngf": 4, "ndf": 4, "num_d": 1}
+    cfg["train"].update(folds=2, image_size=[32, 32], decomposition={**cfg["train"]["decomposition"], **tiny},
+                        regression={"frozen_epochs": 1, "tune_epochs": 1, "dims": [8, 16], "heads": [1, 2]},
+                        baseline={"model": "resnet10t", "epochs": 1})
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def virtual_run(tmp_path_factory) -> dict:
+    """The tiny virtual cohort (:func:`tiny_virtual_config`) run locally once, from simulation to the metrics.
+
+    Shared by test_workflow.py (checks and re-run plans on it) and test_slurm.py (its local reference).
+    Tests must not write into ``work``; copy it first.
+    """
+    import time
+
+    import yaml
+
+    root = tmp_path_factory.mktemp("virtual")
+    cfg = tiny_virtual_config()
+    config = root / "small.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    work = root / "work"
+    start = time.monotonic()
+    snakemake_run("--cores", "2", "--configfile", str(config), "--directory", str(work), timeout=1800)
+    return {"root": root, "work": work, "cfg": cfg, "config": config, "seconds": time.monotonic() - start}

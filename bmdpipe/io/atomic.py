@@ -9,6 +9,7 @@ folder, never a half-written artifact under its final name.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -63,10 +64,14 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; move it to ``path`` on success.
 
     An existing ``path`` (for example the empty folder a workflow engine made)
-    is replaced. On an exception the temporary folder is removed.
+    is replaced. On an exception the temporary folder is removed. Temporary
+    folders a killed earlier attempt left for the same ``path`` are removed
+    first: a workflow has one writer per output path at a time.
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{glob.escape(final.name)}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; use the usual mode
     try:

@@ -18,6 +18,7 @@ schedulers) and two functions, ``train_step(state, batch) -> dict`` and
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import random
 import time
@@ -32,6 +33,8 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from bmdpipe.io.atomic import atomic_path
+
+log = logging.getLogger("bmdpipe")
 
 
 @dataclass
@@ -214,6 +217,7 @@ def fit(
     ckpt = out / "last.pt"
     if ckpt.exists():
         load_checkpoint(state, ckpt)
+        log.info("resumed from %s after epoch %d of %d", ckpt, state.epoch, cfg.epochs)
     if state.device.type == "cuda" and cfg.amp and state.scaler is None:
         state.scaler = torch.amp.GradScaler("cuda")
     while state.epoch < cfg.epochs:

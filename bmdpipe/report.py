@@ -1,0 +1,332 @@
+"""The HTML report: one self-contained page (every image embedded as a PNG data URI).
+
+Sections, each present when the run produced its inputs:
+
+1. Cohort: patients, radiographs per pose, sex, age, the BMD label columns.
+2. Quality control: status counts per stage, every failed or flagged row with its reason, every patient
+   the training folds left out, calibration fits, registration similarity, and the QC images of the
+   first patients (calibration, segmentation, ROI, registration, targets).
+3. Training curves per fold: GAN losses per stage, stage-3 and baseline losses.
+4. Results in seed 004 Table 2's layout (every method × BMD column: PCC, ICC, MAE, SEE, RMS-CV with
+   patient-level bootstrap 95 % CIs), screening from T-scores, per-pose results (robustness), scatter and
+   Bland–Altman plots, decomposition examples (radiograph | predicted | target).
+
+:func:`build_report` reads only a finished ``results/`` folder; nothing here trains or predicts.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import pandas as pd
+
+from bmdpipe import __version__
+from bmdpipe.io.atomic import atomic_path
+
+#: QC images per patient, in pipeline order: (caption, path pattern under results/).
+QC_IMAGES = (
+    ("calibration", "calibration/{p}/qc.png"),
+    ("segmentation", "segment/{p}/qc.png"),
+    ("DXA ROI", "roi/{p}/qc.png"),
+    ("registration", "register/{p}/qc.png"),
+    ("targets (first view)", "targets/{p}/{view}_qc.png"),
+)
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;line-height:1.4}
+h1{border-bottom:2px solid #345}h2{margin-top:2em;border-bottom:1px solid #ccc}
+table{border-collapse:collapse;margin:.5em 0 1em;font-size:90%}
+td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}th{background:#eef}
+td:first-child,th:first-child{text-align:left}
+.fail{color:#a00}.ok{color:#070}.note{color:#555;font-size:90%}
+figure{display:inline-block;margin:.5em;vertical-align:top}figcaption{font-size:85%;color:#444}
+img{max-width:100%}
+"""
+
+
+def _png(fig) -> str:
+    """A matplotlib figure as a data URI (the figure is closed)."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _file_png(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def _img(uri: str, caption: str, width: int | None = None) -> str:
+    style = f' style="width:{width}px"' if width else ""
+    return (f'<figure><img src="{uri}" alt="{html.escape(caption)}"{style}>'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _table(df: pd.DataFrame, float_format: str = "{:.3f}") -> str:
+    def cell(v: Any) -> str:
+        if v is None:
+            return ""
+        if isinstance(v, (float, np.floating)):
+            return "" if not np.isfinite(v) else float_format.format(v)
+        return html.escape(str(v))
+
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in df.itertuples(index=False))
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def cohort_section(samples: pd.DataFrame) -> str:
+    """Patients, radiographs per pose, sex, age and the label columns of the samples sheet."""
+    first = samples.drop_duplicates("patient_id")
+    parts = [f"<p>{first.patient_id.nunique()} patients, {len(samples)} radiographs.</p>"]
+    rows = [("radiographs per pose", ", ".join(f"{v}: {n}" for v, n in samples.view.value_counts().sort_index().items()))]
+    if "sex" in first:
+        rows.append(("sex", ", ".join(f"{s}: {n}" for s, n in first.sex.value_counts().sort_index().items())))
+    if "age" in first and pd.to_numeric(first.age, errors="coerce").notna().any():
+        age = pd.to_numeric(first.age, errors="coerce").dropna()
+        rows.append(("age (years)", f"median {age.median():.0f}, range {age.min():.0f}–{age.max():.0f}"))
+    parts.append(_table(pd.DataFrame(rows, columns=["", "value"])))
+    labels = [c for c in first.columns if c.startswith(("dxa_", "qct_"))]
+    if labels:
+        values = first[labels].apply(pd.to_numeric, errors="coerce")
+        summary = pd.DataFrame({"column": labels, "unit": ["g/cm²" if c.startswith("dxa") else "mg/cm³" for c in labels],
+                                "n": values.notna().sum().to_numpy(), "mean": values.mean().to_numpy(),
+                                "sd": values.std().to_numpy()})
+        parts.append("<p>BMD labels (one value per patient):</p>" + _table(summary))
+    return "".join(parts)
+
+
+def qc_section(results: Path, samples: pd.DataFrame, *, max_patients: int = 4) -> str:
+    """Status counts per stage, every failure and exclusion with its reason, fits, QC images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = []
+    qc_path = results / "qc" / "patients.tsv"
+    if qc_path.exists():
+        qc = pd.read_csv(qc_path, sep="\t", keep_default_na=False)
+        counts = qc.groupby(["stage", "status"]).size().unstack(fill_value=0).reset_index()
+        parts.append("<h3>Status per stage</h3>" + _table(counts))
+        bad = qc[qc.status != "ok"]
+        parts.append("<h3>Failed or flagged (every row)</h3>")
+        parts.append(_table(bad[["patient_id", "view", "stage", "status", "reason"]]) if len(bad)
+                     else "<p class=ok>None: every stage succeeded for every patient.</p>")
+    folds = _read_json(results / "dataset" / "folds.json")
+    if folds is not None:
+        excluded = pd.DataFrame(sorted(folds.get("excluded", {}).items()), columns=["patient_id", "reason"])
+        parts.append("<h3>Patients left out of training</h3>")
+        parts.append(_table(excluded) if len(excluded) else "<p class=ok>None.</p>")
+    patients = list(dict.fromkeys(samples.patient_id))
+    cal = [c for p in patients if (c := _read_json(results / "calibration" / p / "calibration.json"))
+           and c.get("status") == "ok" and c.get("slope_hu_per_mg_cm3") is not None]
+    reg = [r for p in patients for f in sorted((results / "register" / p).glob("*.json")) if (r := _read_json(f))
+           and r.get("similarity") is not None]
+    if cal or reg:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+        if cal:
+            axes[0].scatter([c["slope_hu_per_mg_cm3"] for c in cal], [c["intercept_hu"] for c in cal], s=12)
+            axes[0].set(xlabel="slope (HU per mg/cm³ HA)", ylabel="intercept (HU)",
+                        title=f"phantom calibration fits (n={len(cal)}, min R² "
+                              f"{min(c['r2'] for c in cal):.4f})")
+        if reg:
+            sim = np.array([r["similarity"] for r in reg])
+            bound = reg[0].get("min_similarity")
+            axes[1].hist(sim, bins=20)
+            if bound is not None:
+                axes[1].axvline(bound, color="r", ls="--", label=f"flag below {bound}")
+                axes[1].legend()
+            axes[1].set(xlabel="gradient correlation", ylabel="radiographs",
+                        title=f"registration similarity (n={len(sim)})")
+        parts.append("<h3>Calibration and registration</h3>" + _img(_png(fig), "calibration fits and registration"))
+    rows = []
+    for p in patients[:max_patients]:
+        views = list(samples[samples.patient_id == p].view)
+        images = [_img(_file_png(path), f"{p}: {caption}", width=220) for caption, pattern in QC_IMAGES
+                  if (path := results / pattern.format(p=p, view=views[0] if views else "")).exists()]
+        if images:
+            rows.append(f"<div>{''.join(images)}</div>")
+    if rows:
+        parts.append(f"<h3>QC images of the first {len(rows)} patients</h3>" + "".join(rows))
+    return "".join(parts)
+
+
+def training_section(results: Path) -> str:
+    """Loss curves per fold: GAN stages (generator total and discriminator), stage 3 and the baseline."""
+    import matplotlib.pyplot as plt
+
+    models = results / "models"
+    panels = []
+    for stage in (1, 2):
+        curves = {f.parent.parent.name: pd.read_csv(f) for f in sorted(models.glob(f"decomposition/fold*/stage{stage}/metrics.csv"))}
+        if curves:
+            panels.append((f"GAN stage {stage}", curves, ["loss_g_total", "loss_d"]))
+    for kind in ("regression", "baseline"):
+        curves = {}
+        for fold in sorted((models / kind).glob("fold*")):
+            frames = [pd.read_csv(f).assign(phase=f.stem.removeprefix("metrics_")) for f in sorted(fold.glob("metrics_*.csv"))]
+            if frames:
+                df = pd.concat(frames, ignore_index=True)
+                df["epoch"] = np.arange(1, len(df) + 1)
+                curves[fold.name] = df
+        if curves:
+            panels.append(("stage 3 (frozen, then tuned)" if kind == "regression" else "baseline", curves, ["loss"]))
+    if not panels:
+        return ""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3), squeeze=False)
+    for ax, (title, curves, keys) in zip(axes[0], panels):
+        for fold, df in curves.items():
+            for key in keys:
+                if key in df:
+                    ax.plot(df.epoch, df[key], "o-", ms=2, label=f"{fold} {key}")
+        ax.set(title=title, xlabel="epoch", ylabel="training loss")
+        ax.legend(fontsize=6)
+    return _img(_png(fig), "training losses per fold")
+
+
+def _fmt_ci(entry: Mapping[str, Any] | None) -> str:
+    if not entry or entry.get("value") is None:
+        return "–"
+    lo, hi = entry.get("ci95") or (None, None)
+    ci = f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else ""
+    return f"{entry['value']:.3f}{ci}"
+
+
+def results_section(results: Path) -> str:
+    """Seed 004 Table 2's layout, screening, per-pose results, scatter and Bland–Altman plots, examples."""
+    import matplotlib.pyplot as plt
+
+    figures = _read_json(results / "metrics" / "bmd.json")
+    pred_path = results / "metrics" / "predictions.tsv"
+    if figures is None or not pred_path.exists():
+        return ""
+    predictions = pd.read_csv(pred_path, sep="\t")
+    from bmdpipe.evaluate.bmd import METHOD_ORDER
+
+    methods = sorted(figures["methods"], key=lambda m: (METHOD_ORDER + [m]).index(m))
+    columns = list(dict.fromkeys(predictions.column))
+    parts = ["<p class=note>Held-out folds pooled; 95 % CIs from a bootstrap over patients. "
+             "ICC is ICC(2,1), absolute agreement. <b>ceiling</b> is the BMD fitted on the true ROI image "
+             "(seed 004 Table 2's GT row): the best any decomposition can do on these labels.</p>"]
+    for column in columns:
+        rows = []
+        for m in methods:
+            col = figures["methods"][m]["columns"].get(column)
+            if not col:
+                continue
+            a = col["agreement"]
+            rows.append([m, col["n_views"], _fmt_ci(a.get("pcc")), _fmt_ci(a.get("icc")), _fmt_ci(a.get("mae")),
+                         _fmt_ci(a.get("see")), "–" if col.get("rms_cv") is None else f"{100 * col['rms_cv']:.2f} %",
+                         _fmt_ci(a.get("bias"))])
+        unit = "g/cm²" if column.startswith("dxa") else "mg/cm³"
+        parts.append(f"<h3>{html.escape(column)} ({unit})</h3>")
+        parts.append(_table(pd.DataFrame(rows, columns=["method", "views", "PCC", "ICC", "MAE", "SEE", "RMS-CV",
+                                                        "bias"])))
+    screen_rows = []
+    for m in methods:
+        s = figures["methods"][m].get("screening")
+        if not s:
+            continue
+        for site, v in s["vertebra"].items():
+            screen_rows.append([m, site, v.get("n_patients"), v.get("n_osteoporosis"),
+                                _fmt_ci({"value": v.get("auc_osteoporosis"), "ci95": v.get("auc_osteoporosis_ci95")}),
+                                v.get("auc_osteopenia"), v["-2.5"]["sensitivity"], v["-2.5"]["specificity"],
+                                v["flex"]["sensitivity"], v["flex"]["specificity"]])
+        screen_rows.append([m, "patient (any site)", s["n_patients"], "", "", np.nan,
+                            s["patient"]["-2.5"]["sensitivity"], s["patient"]["-2.5"]["specificity"],
+                            s["patient"]["flex"]["sensitivity"], s["patient"]["flex"]["specificity"]])
+    if screen_rows:
+        parts.append(f"<h3>Osteoporosis screening from T-scores (reference: {html.escape(str(figures.get('tscore_reference')))})</h3>")
+        parts.append(_table(pd.DataFrame(screen_rows, columns=[
+            "method", "site", "patients", "osteoporotic", "AUC osteoporosis", "AUC osteopenia",
+            "sens T≤−2.5", "spec T≤−2.5", "sens Flex", "spec Flex"])))
+    pose_rows = [[m, c, view, p["n_views"], p.get("pcc"), p.get("mae"), p.get("bias")]
+                 for m in methods for c, col in figures["methods"][m]["columns"].items()
+                 for view, p in col.get("per_pose", {}).items()]
+    if pose_rows:
+        parts.append("<h3>Robustness: per pose (seed 004 §4.2.3)</h3>")
+        poses = pd.DataFrame(pose_rows, columns=["method", "column", "pose", "views", "PCC", "MAE", "bias"])
+        parts.append(_table(poses))
+    main = next((c for c in columns if c.startswith("dxa_")), columns[0] if columns else None)
+    if main is not None:
+        fig, axes = plt.subplots(2, len(methods), figsize=(3.2 * len(methods), 6.2), squeeze=False)
+        for i, m in enumerate(methods):
+            g = predictions[(predictions.method == m) & (predictions.column == main)].dropna(subset=["truth", "pred"])
+            ax = axes[0, i]
+            ax.scatter(g.truth, g.pred, s=8)
+            if len(g):
+                lims = [min(g.truth.min(), g.pred.min()), max(g.truth.max(), g.pred.max())]
+                ax.plot(lims, lims, "k--", lw=0.8)
+            ax.set(title=m, xlabel=f"{main} label", ylabel="predicted")
+            ax = axes[1, i]
+            mean, diff = (g.truth + g.pred) / 2, g.pred - g.truth
+            ax.scatter(mean, diff, s=8)
+            if len(g) > 2:
+                bias, sd = diff.mean(), diff.std(ddof=1)
+                for y, style in ((bias, "-"), (bias - 1.96 * sd, "--"), (bias + 1.96 * sd, "--")):
+                    ax.axhline(y, color="r", ls=style, lw=0.8)
+            ax.set(xlabel="mean of label and prediction", ylabel="prediction − label")
+        parts.append(f"<h3>Scatter and Bland–Altman plots ({html.escape(main)})</h3>"
+                     + _img(_png(fig), f"{main}: scatter (top) and Bland–Altman (bottom) per method"))
+    examples = results / "models" / "decomposition" / "fold0" / "bmd" / "examples.npz"
+    if examples.exists():
+        with np.load(examples) as z:
+            n = min(3, len(z["xray"]))
+            fig, axes = plt.subplots(n, 3, figsize=(7, 2.4 * n), squeeze=False)
+            for r in range(n):
+                site_sum_p, site_sum_t = z["predicted"][r].sum(0), z["true"][r].sum(0)
+                vmax = max(float(site_sum_t.max()), 1e-6)
+                for c, (img, title) in enumerate(((z["xray"][r], "radiograph"), (site_sum_p, "predicted (g/cm²)"),
+                                                  (site_sum_t, "target (g/cm²)"))):
+                    axes[r, c].imshow(img, cmap="gray", vmin=None if c == 0 else 0, vmax=None if c == 0 else vmax)
+                    axes[r, c].set_axis_off()
+                    axes[r, c].set_title(f"{z['patient'][r]} {z['view'][r]}: {title}", fontsize=7)
+        parts.append("<h3>Decomposition examples (held-out fold 0, ROI sites summed)</h3>"
+                     + _img(_png(fig), "radiograph | predicted ROI image | target ROI image"))
+    return "".join(parts)
+
+
+def build_report(results: str | Path, samples: pd.DataFrame, out: str | Path, *, title: str = "bmdpipe report",
+                 max_qc_patients: int = 4) -> Path:
+    """Write the self-contained report page for a finished ``results/`` folder to ``out`` (atomically).
+
+    Args:
+        results: the workflow's ``results/`` folder.
+        samples: the validated samples sheet (its identifying paths are not written; only ids, views,
+            sex, age and the label columns).
+        out: the HTML file.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    results = Path(results)
+    sections: Iterable[tuple[str, str]] = (
+        ("Cohort", cohort_section(samples)),
+        ("Quality control", qc_section(results, samples, max_patients=max_qc_patients)),
+        ("Training curves", training_section(results)),
+        ("Results", results_section(results)),
+    )
+    body = "".join(f"<h2>{name}</h2>{content}" for name, content in sections if content)
+    page = (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+            f"<p class=note>bmdpipe {__version__}. Every figure is computed from this run's results/ folder.</p>"
+            f"{body}</body></html>")
+    with atomic_path(out) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return Path(out)
