@@ -103,8 +103,13 @@ def output_bytes(folder: Path):
 
     gzip files are decompressed; of a NIfTI file only the header and its
     extensions (the bytes before ``vox_offset``) are kept, since the voxel
-    payload is numbers, where a short string would match by chance.
+    payload is numbers, where a short string would match by chance. An HTML
+    page's embedded base64 images are decoded and yielded on their own (as
+    ``page.html#img{i}``): base64 text would hide a string, and would match
+    short ones (a 4-letter ward name) by chance.
     """
+    import base64
+    import re
     import struct
 
     for f in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
@@ -114,6 +119,11 @@ def output_bytes(folder: Path):
         if f.name.endswith((".nii", ".nii.gz")) and len(data) >= 352:
             (vox_offset,) = struct.unpack("<f", data[108:112])
             data = data[: int(vox_offset)]
+        if f.suffix == ".html":
+            uris = re.compile(rb"data:image/png;base64,([A-Za-z0-9+/=]+)")
+            for i, m in enumerate(uris.finditer(data)):
+                yield Path(f"{f}#img{i}"), base64.b64decode(m.group(1))
+            data = uris.sub(b"data:image/png;base64,", data)
         yield f, data
 
 

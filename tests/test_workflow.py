@@ -275,8 +275,8 @@ def copy_config(cfg: dict, keys: tuple[str, ...], value) -> dict:
 
 
 def test_killed_run_resumes_training_from_its_checkpoint(virtual_run, tmp_path):
-    """Snakemake killed (SIGKILL, whole process group) inside a GAN job: the re-run redoes the incomplete job,
-    which resumes from its last epoch's checkpoint, and leaves no temporary folder behind."""
+    """Snakemake killed (SIGKILL, whole process group) inside a GAN job: after ``--unlock`` the same command redoes
+    the incomplete job, which resumes from its last epoch's checkpoint, and leaves no temporary folder behind."""
     work = tmp_path / "work"
     shutil.copytree(virtual_run["work"], work, symlinks=True)
     cfg = copy_config(virtual_run["cfg"], ("train", "decomposition", "stage2_epochs"), 40)
@@ -304,6 +304,10 @@ def test_killed_run_resumes_training_from_its_checkpoint(virtual_run, tmp_path):
     assert not (killed[0].parent / "stage2").exists()
     plan = _jobs(snakemake("--dry-run", "--cores", "2", "--configfile", str(config), "--directory", str(work)))
     assert plan["train_decomposition"] == cfg["train"]["folds"], plan  # stage 2 of every fold, this one included
+    # a SIGKILL leaves Snakemake's lock (SIGTERM or Ctrl-C would remove it): --unlock, then the same command
+    locked = snakemake("--cores", "2", "--configfile", str(config), "--directory", str(work), check=False)
+    assert locked.returncode != 0 and "--unlock" in locked.stdout + locked.stderr
+    snakemake("--unlock", "--cores", "2", "--configfile", str(config), "--directory", str(work))
     snakemake("--cores", "2", "--configfile", str(config), "--directory", str(work))
     log = (work / "results" / "logs" / "train_decomposition" / f"{fold}_stage2.log").read_text()
     resumed = re.search(r"resumed from \S+ after epoch (\d+) of 40", log)
