@@ -6,11 +6,13 @@ when they are missing; needs root), the workflow runs on a tiny cohort through
 ``--profile profiles/slurm``, and tests/slurm/stop_local_slurm.sh stops exactly the
 daemons the start script recorded, by PID, whatever the outcome.
 
-Measured on the CI machine kind (Debian bookworm, 2 CPUs, 24 GB, root), 2026-11-22:
-cluster start 3.9 s with the packages installed, 23.9 s on a fresh machine (apt-get
-update and install included); the SLURM run 55 s (2 SLURM jobs: the per-patient
-group and the QC table; 89 s once while other tests loaded the machine); the local
-reference run 13 s; the stop 7 s; the whole module 80 s, 102 s on a fresh machine.
+Measured on the CI machine kind (Debian bookworm, 2 CPUs, 24 GB, root, idle), 2026-11-23,
+in a fresh-clone ``make test``: cluster start 3-4 s with the packages installed; the sheet
+cohort through SLURM 8 min 52 s (4 SLURM jobs: two per-patient groups, the QC table, the
+report; local run 52 s); the tiny virtual cohort from simulation through training and the
+report 20 min 45 s (18 SLURM jobs; local run 5 min 24 s); the whole module about 32 min.
+Most of the SLURM time is the plugin's status polling (its interval grows by 10 s per
+check that finds nothing finished) and Snakemake starting again inside every SLURM job.
 ``pytest -s tests/test_slurm.py`` prints these figures for each run.
 """
 
