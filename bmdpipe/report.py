@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from bmdpipe import __version__
+from bmdpipe.evaluate.bmd import method_key
 from bmdpipe.io.atomic import atomic_path
 
 #: QC images per patient, in pipeline order: (caption, path pattern under results/).
@@ -217,9 +218,7 @@ def results_section(results: Path) -> str:
     if figures is None or not pred_path.exists():
         return ""
     predictions = pd.read_csv(pred_path, sep="\t")
-    from bmdpipe.evaluate.bmd import METHOD_ORDER
-
-    methods = sorted(figures["methods"], key=lambda m: (METHOD_ORDER + [m]).index(m))
+    methods = sorted(figures["methods"], key=method_key)
     columns = list(dict.fromkeys(predictions.column))
     parts = ["<p class=note>Held-out folds pooled; 95 % CIs from a bootstrap over patients. "
              "ICC is ICC(2,1), absolute agreement. <b>ceiling</b> is the BMD fitted on the true ROI image "

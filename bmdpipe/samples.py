@@ -65,13 +65,18 @@ def read_sheet(path: str | os.PathLike[str]) -> pd.DataFrame:
     return df.replace("", pd.NA)
 
 
-def validate_samples(df: pd.DataFrame, sheet: str | os.PathLike[str], *, check_paths: bool = True) -> pd.DataFrame:
-    """Validate a sheet read by :func:`read_sheet`; return it typed, defaults filled, paths absolute.
+def validate_samples(df: pd.DataFrame, sheet: str | os.PathLike[str], *, check_paths: bool = True,
+                     relative_to: str | os.PathLike[str] | None = None) -> pd.DataFrame:
+    """Validate a sheet read by :func:`read_sheet`; return it typed, defaults filled, paths absolute (or relative
+    to ``relative_to``).
 
     Args:
         df: the sheet, all columns as strings.
         sheet: the sheet's path, for messages and to resolve relative paths.
         check_paths: require every referenced file or folder to exist.
+        relative_to: paths inside this folder are returned relative to it instead (the workflow passes its
+            working directory: Snakemake records input paths, and relative ones keep a copied or moved
+            project up to date); paths outside it stay absolute.
 
     Raises:
         ConfigError: naming the row, line and column of the first problem.
@@ -110,6 +115,7 @@ def validate_samples(df: pd.DataFrame, sheet: str | os.PathLike[str], *, check_p
 
     _check_unique_views(df, sheet)
     _check_per_patient(df, sheet)
+    base = Path(relative_to).resolve() if relative_to is not None else None
     for col in PATH_COLUMNS:
         if col not in df.columns:
             continue
@@ -122,6 +128,8 @@ def validate_samples(df: pd.DataFrame, sheet: str | os.PathLike[str], *, check_p
                     f"{_where(sheet, i)}, column '{col}': {value!r} does not exist (resolved to {resolved}); "
                     "paths are relative to the folder of the samples sheet"
                 )
+            if base is not None and resolved.is_relative_to(base):
+                resolved = Path(os.path.relpath(resolved, base))
             df.loc[df.index[i], col] = str(resolved)
     return df.reset_index(drop=True)
 
@@ -193,9 +201,10 @@ def _show(value: Any) -> str:
     return repr(value.item() if hasattr(value, "item") else value)
 
 
-def load_samples(path: str | os.PathLike[str], *, check_paths: bool = True) -> pd.DataFrame:
+def load_samples(path: str | os.PathLike[str], *, check_paths: bool = True,
+                 relative_to: str | os.PathLike[str] | None = None) -> pd.DataFrame:
     """Read and validate a samples sheet (:func:`read_sheet`, :func:`validate_samples`)."""
-    return validate_samples(read_sheet(path), path, check_paths=check_paths)
+    return validate_samples(read_sheet(path), path, check_paths=check_paths, relative_to=relative_to)
 
 
 def patients(df: pd.DataFrame) -> list[str]:

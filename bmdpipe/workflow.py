@@ -22,14 +22,19 @@ from bmdpipe.io.atomic import write_json
 log = logging.getLogger("bmdpipe")
 
 
-def setup_logging(log_file: str | os.PathLike[str]) -> None:
-    """Send bmdpipe's log records and Python warnings to ``log_file`` (overwritten)."""
+def setup_logging(log_file: str | os.PathLike[str], *, append: bool = False, tag: str = "") -> None:
+    """Send bmdpipe's log records and Python warnings to ``log_file``.
+
+    Args:
+        append: add to the file (a torchrun process joining its rule's log) instead of overwriting it.
+        tag: written after the logger name of every record, e.g. ``[rank 0]``.
+    """
     Path(log_file).parent.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(
         filename=str(log_file),
-        filemode="w",
+        filemode="a" if append else "w",
         level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s %(name)s{' ' + tag if tag else ''}: %(message)s",
         force=True,
     )
     logging.captureWarnings(True)

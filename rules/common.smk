@@ -1,6 +1,5 @@
 # Shared Python for the rules: config validation, the samples table, wildcard
 # constraints and input functions. No rule is defined here.
-import os
 import re
 from pathlib import Path
 
@@ -25,7 +24,11 @@ COHORT = config["cohort"]
 
 
 def load_cohort():
-    """The validated samples table; for cohorts the workflow writes, the sheet their rule will write."""
+    """The validated samples table; for cohorts the workflow writes, the sheet their rule will write.
+
+    Paths inside the working directory are kept relative to it (a copied or moved project
+    does not re-run); others are absolute.
+    """
     root = Path(COHORT["samples"]).parent
     if COHORT["source"] == "public_demo":
         table = datasets.public_demo_sheet(root)
@@ -34,28 +37,12 @@ def load_cohort():
 
         table = simulate.expected_sheet(root, COHORT["simulate"])
     else:
-        return sample_sheet.load_samples(COHORT["samples"])
-    return sample_sheet.validate_samples(table.astype(str).replace("nan", ""), COHORT["samples"], check_paths=False)
+        return sample_sheet.load_samples(COHORT["samples"], relative_to=Path.cwd())
+    return sample_sheet.validate_samples(table.astype(str).replace("nan", ""), COHORT["samples"], check_paths=False,
+                                         relative_to=Path.cwd())
 
 
-def relative_to_workdir(table):
-    """Sheet paths inside the working directory, made relative to it.
-
-    Snakemake records each job's input paths; relative ones keep a copied or moved
-    project (``--directory``) up to date instead of re-running every job because the
-    absolute paths changed. Paths outside it (a hospital's archive) stay absolute.
-    """
-    cwd = Path.cwd().resolve()
-    for col in sample_sheet.PATH_COLUMNS:
-        if col in table:
-            table[col] = [
-                os.path.relpath(v, cwd) if isinstance(v, str) and v and Path(v).is_relative_to(cwd) else v
-                for v in table[col]
-            ]
-    return table
-
-
-SAMPLES = relative_to_workdir(load_cohort())
+SAMPLES = load_cohort()
 PATIENTS = sample_sheet.patients(SAMPLES)
 
 

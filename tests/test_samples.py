@@ -33,6 +33,15 @@ def test_valid_sheet_types_and_resolves_paths(tmp_path):
     assert df.xray[0] == str((tmp_path / "x" / "p01_pa.dcm").resolve())
 
 
+def test_paths_inside_relative_to_stay_relative(tmp_path):
+    """The workflow passes its working directory: paths under it are recorded relative, others stay absolute."""
+    (tmp_path / "work").mkdir()
+    df = load_samples(write_sheet(tmp_path / "work", GOOD), relative_to=tmp_path / "work")
+    assert df.xray[0] == "x/p01_pa.dcm" and df.ct[2] == "ct/p02.nii.gz"
+    df = load_samples(write_sheet(tmp_path / "work", GOOD), relative_to=tmp_path / "elsewhere")
+    assert df.xray[0] == str((tmp_path / "work" / "x" / "p01_pa.dcm").resolve())
+
+
 def test_csv_is_read_by_extension(tmp_path):
     df = load_samples(write_sheet(tmp_path, GOOD, sep=",", name="samples.csv"))
     assert len(df) == 3

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bmdpipe.evaluate.bmd import evaluate, summarise
+from bmdpipe.evaluate.bmd import evaluate, table
 from bmdpipe.io.atomic import write_json
 from bmdpipe.samples import load_samples
 from bmdpipe.train.jobs import write_table
@@ -21,13 +21,13 @@ sm = snakemake  # noqa: F821  (injected by Snakemake)
 setup_logging(sm.log[0])
 folders = [*sm.input.decomposition, *sm.input.regression, *sm.input.baseline]
 predictions = pd.concat([pd.read_csv(Path(d) / "predictions.tsv", sep="\t") for d in folders], ignore_index=True)
-table = summarise(predictions)
 sheet = load_samples(sm.input.samples, check_paths=False)
 sexes = dict(sheet.drop_duplicates("patient_id").set_index("patient_id")["sex"]) if "sex" in sheet else {}
 settings = sm.params.settings
 figures = evaluate(predictions, sexes, reference=settings["tscore_reference"], n_boot=settings["bootstrap"],
                    seed=settings["seed"])
 write_table(predictions, sm.output.predictions)
-write_table(table, sm.output.metrics)
+rows = table(figures)
+write_table(rows, sm.output.metrics)
 write_json(sm.output.figures, figures)
-log.info("held-out BMD agreement:\n%s", table.to_string(index=False))
+log.info("held-out BMD agreement:\n%s", rows.to_string(index=False))

@@ -10,32 +10,36 @@ import pandas as pd
 from bmdpipe import tscore
 from bmdpipe.evaluate import metrics
 
-#: Row order of the results table.
+#: Row order of the results table; other methods follow in name order.
 METHOD_ORDER = ["ceiling", "decomposition", "decomposition+regression", "baseline"]
+#: Columns of bmd.tsv taken from each column's agreement figures.
+TABLE_FIGURES = ("pcc", "icc", "mae", "see", "bias")
+
+
+def method_key(method: str) -> tuple[int, str]:
+    """Sort key putting methods in :data:`METHOD_ORDER`, unknown ones after them by name."""
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+
+
+def table(figures: dict[str, Any]) -> pd.DataFrame:
+    """bmd.tsv from :func:`evaluate`'s result: one row per (method, column) with views, patients, PCC, ICC(2,1),
+    MAE, SEE, bias and RMS-CV across poses (seed 004 Table 2's layout), sorted by column, then method."""
+    rows = []
+    for method in sorted(figures["methods"], key=method_key):
+        for column, col in figures["methods"][method]["columns"].items():
+            rows.append({"method": method, "column": column, "n_views": col["n_views"],
+                         "n_patients": col["n_patients"],
+                         **{name: col["agreement"][name]["value"] for name in TABLE_FIGURES},
+                         "rms_cv": col["rms_cv"]})
+    names = ("method", "column", "n_views", "n_patients", *TABLE_FIGURES, "rms_cv")
+    out = pd.DataFrame(rows, columns=names).astype({name: float for name in (*TABLE_FIGURES, "rms_cv")})
+    return out.sort_values("column", kind="stable").reset_index(drop=True)
 
 
 def summarise(predictions: pd.DataFrame) -> pd.DataFrame:
-    """One row per (method, column): views, patients, PCC, ICC(2,1), MAE, SEE, RMS-CV across poses, bias.
-
-    Args:
-        predictions: long table with ``patient_id, view, method, column, truth, pred``
-            (units of the column: g/cm² for DXA, mg/cm³ for QCT).
-    """
-    rows = []
-    for (method, column), g in predictions.groupby(["method", "column"], sort=False):
-        ok = g.dropna(subset=["truth", "pred"])
-        row = {"method": method, "column": column, "n_views": len(ok), "n_patients": ok.patient_id.nunique()}
-        if len(ok) >= 3:
-            row.update(pcc=metrics.pcc(ok.truth, ok.pred), icc=metrics.icc(ok.truth, ok.pred),
-                       mae=metrics.mae(ok.truth, ok.pred), see=metrics.see(ok.truth, ok.pred),
-                       bias=metrics.bland_altman(ok.truth, ok.pred)["bias"])
-            groups = [p.pred.to_numpy() for _, p in ok.groupby("patient_id") if len(p) > 1]
-            row["rms_cv"] = metrics.rms_cv(groups) if groups else np.nan
-        rows.append(row)
-    table = pd.DataFrame(rows)
-    order = {m: i for i, m in enumerate(METHOD_ORDER)}
-    table["_o"] = table.method.map(lambda m: order.get(m, len(order)))
-    return table.sort_values(["column", "_o"]).drop(columns="_o").reset_index(drop=True)
+    """:func:`table` of ``predictions`` (long: ``patient_id, view, method, column, truth, pred``; units of the
+    column, g/cm² for DXA, mg/cm³ for QCT) without CIs or screening."""
+    return table(evaluate(predictions, {}, n_boot=0))
 
 
 #: Agreement figures with patient-level bootstrap CIs: name → f(truth, pred) (units of the column).
@@ -88,14 +92,15 @@ def evaluate(predictions: pd.DataFrame, sexes: Mapping[str, str], *, reference: 
         rms_cv, per_pose: {view: {n_views, pcc, mae, bias}}}}, "screening": {site: ..., "patient": ...}}}``
         plus the forms used. Screening (DXA columns only) averages each patient's views, then T-scores
         both truth and prediction with the same reference; see :func:`bmdpipe.evaluate.metrics.screening`.
-        Figures that cannot be computed (fewer than 3 pairs, one class only) are None.
+        Figures that cannot be computed (fewer than 3 pairs, one class only) are None; so is the screening
+        without a DXA column or a patient of known sex.
     """
     out: dict[str, Any] = {
         "forms": {"icc": "ICC(2,1) absolute agreement (pingouin ICC2)", "see": "reference regressed on estimate",
                   "rms_cv": "RMS over patients of SD/mean across poses", "ci95": "percentile bootstrap over patients",
                   "screening": "patient mean over views; truth positive at T <= -2.5; patient positive when any site is"},
         "tscore_reference": reference, "bootstrap": {"n": n_boot, "seed": seed, "level": 0.95}, "methods": {}}
-    for method in sorted(predictions.method.unique(), key=lambda m: (METHOD_ORDER + [m]).index(m)):
+    for method in sorted(predictions.method.unique(), key=method_key):
         gm = predictions[predictions.method == method].dropna(subset=["truth", "pred"])
         entry: dict[str, Any] = {"columns": {}}
         for column, g in gm.groupby("column", sort=False):
@@ -114,9 +119,10 @@ def evaluate(predictions: pd.DataFrame, sexes: Mapping[str, str], *, reference: 
                 col["per_pose"][view] = pose
             entry["columns"][column] = col
         dxa = [c for c in entry["columns"] if c.startswith("dxa_")]
-        if dxa:
-            per_site = {c.split("_", 1)[1]: _per_patient_t(gm, c, sexes, reference) for c in dxa}
-            patients = sorted(set().union(*(t.index for t in per_site.values())))
+        per_site = {c.split("_", 1)[1]: _per_patient_t(gm, c, sexes, reference) for c in dxa}
+        patients = sorted(set().union(*(t.index for t in per_site.values())))
+        entry["screening"] = None  # no DXA column, or no patient of known sex
+        if patients:
             true_t = {s: t.true_t.reindex(patients).to_numpy() for s, t in per_site.items()}
             pred_t = {s: t.pred_t.reindex(patients).to_numpy() for s, t in per_site.items()}
             screen = metrics.screening(true_t, pred_t)

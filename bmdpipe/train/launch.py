@@ -76,13 +76,15 @@ def _worker(args_path: str) -> None:
 
     job = pickle.loads(Path(args_path).read_bytes())
     torch.set_num_threads(job["threads"])
+    from bmdpipe.workflow import setup_logging
+
     rank = int(os.environ.get("RANK", 0))
-    fmt = f"%(asctime)s %(levelname)s %(name)s [rank {rank}]: %(message)s"
     if rank == 0 and job["log_file"]:
-        logging.basicConfig(filename=job["log_file"], filemode="a", level=logging.INFO, format=fmt, force=True)
+        setup_logging(job["log_file"], append=True, tag=f"[rank {rank}]")
     else:
-        logging.basicConfig(level=logging.WARNING, format=fmt, force=True)
-    logging.captureWarnings(True)
+        logging.basicConfig(level=logging.WARNING, format=f"%(levelname)s %(name)s [rank {rank}]: %(message)s",
+                            force=True)
+        logging.captureWarnings(True)
     world = int(os.environ.get("WORLD_SIZE", 1))
     log.info("%s: rank %d of %d, %d threads", job["target"], rank, world, job["threads"])
     try:
