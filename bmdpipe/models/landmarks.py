@@ -1,0 +1,94 @@
+"""Heatmap landmark detection: a MONAI U-Net that paints one Gaussian per landmark, and its decoding.
+
+Used by the localiser of ``bmdpipe predict`` (where is the training crop on a
+radiograph that has no CT?) and meant for seed 000's 16 chest landmarks. No
+I/O in this module.
+
+Coordinates are ``(row, col)`` in pixels of the heatmap grid, pixel centres
+at integers.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import UNet
+
+
+def heatmap_unet(n_landmarks: int, channels: Sequence[int] = (16, 32, 64, 128), *, groups: int = 4) -> torch.nn.Module:
+    """A 2-D U-Net from ``(B, 1, H, W)`` to ``(B, n_landmarks, H, W)`` heatmaps (GroupNorm, residual units).
+
+    The U-Net ends in ``channels[0]`` features and a 1×1 convolution makes the maps (MONAI's last
+    residual unit normalises its output, which GroupNorm cannot do for any landmark count).
+    ``H`` and ``W`` must be multiples of ``2 ** (len(channels) - 1)``.
+    """
+    unet = UNet(spatial_dims=2, in_channels=1, out_channels=channels[0], channels=tuple(channels),
+                strides=(2,) * (len(channels) - 1), num_res_units=1, norm=("group", {"num_groups": groups}))
+    return torch.nn.Sequential(unet, torch.nn.PReLU(), torch.nn.Conv2d(channels[0], n_landmarks, kernel_size=1))
+
+
+def gaussian_heatmaps(points: torch.Tensor, shape: Sequence[int], sigma: float) -> torch.Tensor:
+    """Target heatmaps: a unit-peak Gaussian at each point.
+
+    Args:
+        points: ``(B, K, 2)`` ``(row, col)`` in pixels; a NaN point gives an empty map.
+        shape: ``(H, W)``.
+        sigma: Gaussian SD, pixels.
+
+    Returns:
+        ``(B, K, H, W)`` float32 in [0, 1].
+    """
+    h, w = int(shape[0]), int(shape[1])
+    rr = torch.arange(h, dtype=torch.float32, device=points.device).view(1, 1, h, 1)
+    cc = torch.arange(w, dtype=torch.float32, device=points.device).view(1, 1, 1, w)
+    pr, pc = points[..., 0, None, None].float(), points[..., 1, None, None].float()
+    maps = torch.exp(-((rr - pr) ** 2 + (cc - pc) ** 2) / (2 * sigma ** 2))
+    return torch.nan_to_num(maps, nan=0.0)
+
+
+def decode_heatmaps(heatmaps: torch.Tensor, window: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sub-pixel landmark positions and confidences from heatmaps.
+
+    The position is the argmax refined by the centre of mass of the positive
+    values in a ``(2·window+1)²`` neighbourhood (±3 SD of the default 2-pixel Gaussian: a smaller one
+    pulls the estimate towards the peak pixel); the confidence is the peak
+    value (a trained map peaks near 1 where the detector is sure, and stays
+    low and flat on an image unlike its training data).
+
+    Args:
+        heatmaps: ``(B, K, H, W)``.
+
+    Returns:
+        ``points`` ``(B, K, 2)`` ``(row, col)`` pixels and ``confidence`` ``(B, K)`` (the peak, clipped to 0–1).
+    """
+    b, k, h, w = heatmaps.shape
+    flat = heatmaps.reshape(b, k, -1)
+    peak, idx = flat.max(dim=-1)
+    r0, c0 = (idx // w).float(), (idx % w).float()
+    offsets = torch.arange(-window, window + 1, dtype=torch.float32, device=heatmaps.device)
+    rows, cols = r0[..., None] + offsets, c0[..., None] + offsets  # (B, K, n)
+    ri, ci = rows.clamp(0, h - 1).long(), cols.clamp(0, w - 1).long()
+    n = offsets.numel()
+    patch = heatmaps.gather(2, ri[..., None].expand(b, k, n, w))  # (B, K, n, W)
+    patch = patch.gather(3, ci[..., None, :].expand(b, k, n, n)).clamp_min(0)  # (B, K, n, n)
+    inside = ((rows >= 0) & (rows <= h - 1)).float()[..., :, None] * ((cols >= 0) & (cols <= w - 1)).float()[..., None, :]
+    patch = patch * inside  # pixels beyond the border count once, not as repeats of the edge
+    mass = patch.sum(dim=(-1, -2)).clamp_min(1e-12)
+    r = (patch.sum(-1) * rows).sum(-1) / mass
+    c = (patch.sum(-2) * cols).sum(-1) / mass
+    return torch.stack([r, c], dim=-1), peak.clamp(0.0, 1.0)
+
+
+def heatmap_loss(pred: torch.Tensor, target: torch.Tensor, foreground_weight: float = 20.0) -> torch.Tensor:
+    """Squared error between predicted and target heatmaps ``(B, K, H, W)``, weighted ``1 + w·target``,
+    summed over pixels and averaged over maps.
+
+    With a plain mean (or sum) the network settles on flat zero maps, since the Gaussians cover a
+    fraction of a percent of the image: on the demo cohort the loss stalled at the targets' own energy
+    and held-out fields overlapped the true ones by IoU 0.16; with ``w = 20`` (and σ = 3 pixels) the
+    median IoU was 0.91.
+    """
+    weight = 1.0 + foreground_weight * target
+    return (weight * (pred - target) ** 2).sum() / (pred.shape[0] * pred.shape[1])
