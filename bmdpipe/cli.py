@@ -136,6 +136,18 @@ def _cmd_targets(args: argparse.Namespace) -> None:
     print(json.dumps({k: summary[k] for k in ("views", "excluded", "status")}))
 
 
+def _cmd_predict(args: argparse.Namespace) -> None:
+    import torch
+
+    from bmdpipe.predict import predict_files
+
+    torch.set_num_threads(args.threads)
+    table = predict_files(args.model, args.files, args.out, images_dir=args.images, sex=args.sex, device=args.device)
+    ok = table[table.status == "ok"]
+    print(json.dumps({"files": len(args.files), "errors": int(table[table.status == "error"].file.nunique()),
+                      "flagged": int(ok[ok.quality == "flagged"].file.nunique()), "out": args.out}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``bmdpipe`` command."""
     parser = argparse.ArgumentParser(prog="bmdpipe", description=__doc__.splitlines()[0])
@@ -230,6 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patient", default="", help="patient id written into the summary")
     p.add_argument("--config", help="config YAML whose 'targets' block sets the field and size")
     p.set_defaults(func=_cmd_targets)
+
+    p = sub.add_parser("predict", help="BMD, T-score, class and a quality flag for new radiographs (no CT needed)")
+    p.add_argument("files", nargs="+", metavar="FILE", help="radiographs: DICOM, PNG, JPEG or TIFF")
+    p.add_argument("--model", required=True, help="model bundle folder (results/model of a pipeline run)")
+    p.add_argument("--out", required=True, help="CSV: one row per file and BMD column")
+    p.add_argument("--images", help="folder for the decomposed images (default: OUT without .csv + _images)")
+    p.add_argument("--sex", choices=["F", "M"], help="T-score reference sex (default: PatientSex (0010,0040), else F)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu or cuda (default cpu)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.set_defaults(func=_cmd_predict)
     return parser
 
 

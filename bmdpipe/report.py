@@ -8,8 +8,9 @@ Sections, each present when the run produced its inputs:
    first patients (calibration, segmentation, ROI, registration, targets).
 3. Training curves per fold: GAN losses per stage, stage-3 and baseline losses.
 4. Results in seed 004 Table 2's layout (every method × BMD column: PCC, ICC, MAE, SEE, RMS-CV with
-   patient-level bootstrap 95 % CIs), screening from T-scores, per-pose results (robustness), scatter and
-   Bland–Altman plots, decomposition examples (radiograph | predicted | target).
+   patient-level bootstrap 95 % CIs), screening from T-scores, per-pose results and JPEG re-compression
+   (robustness), scatter and Bland–Altman plots, decomposition examples (radiograph | predicted | target).
+5. The crop localiser of ``bmdpipe predict``: held-out field errors per fold.
 
 :func:`build_report` reads only a finished ``results/`` folder; nothing here trains or predicts.
 """
@@ -28,6 +29,7 @@ import pandas as pd
 
 from bmdpipe import __version__
 from bmdpipe.evaluate.bmd import method_key
+from bmdpipe.evaluate.robustness import JPEG_TAG, LOCALISER_TAG, VARIANT
 from bmdpipe.io.atomic import atomic_path
 
 #: QC images per patient, in pipeline order: (caption, path pattern under results/).
@@ -218,7 +220,8 @@ def results_section(results: Path) -> str:
     if figures is None or not pred_path.exists():
         return ""
     predictions = pd.read_csv(pred_path, sep="\t")
-    methods = sorted(figures["methods"], key=method_key)
+    every = sorted(figures["methods"], key=method_key)
+    methods = [m for m in every if VARIANT not in m]  # the robustness variants get their own table
     columns = list(dict.fromkeys(predictions.column))
     parts = ["<p class=note>Held-out folds pooled; 95 % CIs from a bootstrap over patients. "
              "ICC is ICC(2,1), absolute agreement. <b>ceiling</b> is the BMD fitted on the true ROI image "
@@ -262,6 +265,7 @@ def results_section(results: Path) -> str:
         parts.append("<h3>Robustness: per pose (seed 004 §4.2.3)</h3>")
         poses = pd.DataFrame(pose_rows, columns=["method", "column", "pose", "views", "PCC", "MAE", "bias"])
         parts.append(_table(poses))
+    parts.append(robustness_table(figures, every))
     main = next((c for c in columns if c.startswith("dxa_")), columns[0] if columns else None)
     if main is not None:
         fig, axes = plt.subplots(2, len(methods), figsize=(3.2 * len(methods), 6.2), squeeze=False)
@@ -301,6 +305,57 @@ def results_section(results: Path) -> str:
     return "".join(parts)
 
 
+def robustness_table(figures: Mapping[str, Any], methods: list[str]) -> str:
+    """Seed 004 Fig. 8 as a table, beside bmdpipe predict's path: PCC and MAE of each method on the held-out
+    radiographs as registered, cropped by the localiser, and re-compressed as JPEG."""
+    tagged = [m for m in methods if VARIANT in m]
+    if not tagged:
+        return ""
+    sizes = figures.get("jpeg_file_kb", {})
+    qualities = sorted({int(m.split(JPEG_TAG)[1]) for m in tagged if JPEG_TAG in m}, reverse=True)
+    variants = [("registered field", "")]
+    if any(LOCALISER_TAG in m for m in tagged):
+        variants.append(("localised field", f" {LOCALISER_TAG}"))
+    for q in qualities:
+        kb = sizes.get(str(q))
+        variants.append((f"JPEG {q}" + (f" ({kb:.0f} kB)" if kb else ""), f" {JPEG_TAG}{q}"))
+    rows = []
+    for base in dict.fromkeys(m.split(VARIANT)[0] for m in tagged):
+        for column in figures["methods"].get(base, {}).get("columns", {}):
+            row = [base, column]
+            for _, tag in variants:
+                a = figures["methods"].get(base + tag, {}).get("columns", {}).get(column, {}).get("agreement", {})
+                row += [_fmt_ci(a.get("pcc")), (a.get("mae") or {}).get("value")]
+            rows.append(row)
+    header = ["method", "column"] + [f"{k} {label}" for label, _ in variants for k in ("PCC", "MAE")]
+    raw = sizes.get("raw_16bit")
+    note = ("<p class=note>The same fold models on their held-out radiographs: cropped where registration with the "
+            "CT put the field (the main table), where the fold's localiser puts it (what bmdpipe predict does "
+            "without CT), and re-compressed as 8-bit JPEG before cropping; sizes are the mean JPEG file of a whole "
+            "radiograph" + (f" (16-bit raw: {raw:.0f} kB)" if raw else "") + ".</p>")
+    return ("<h3>Robustness: localised field and JPEG re-compression (seed 004 §4.2.4, Fig. 8)</h3>" + note
+            + _table(pd.DataFrame(rows, columns=header)))
+
+
+def localiser_section(results: Path) -> str:
+    """Held-out errors of the crop localiser (bmdpipe predict's field finder) against the registered field."""
+    rows = []
+    for path in sorted((results / "models" / "localiser").glob("fold*/localiser.json")):
+        d = _read_json(path) or {}
+        if d.get("n_views"):
+            rows.append([d["fold"], d["n_train_views"], d["n_views"], d["centre_error_mm_median"],
+                         d["centre_error_mm_p95"], d["height_error_pct_median_abs"], d["iou_median"],
+                         d["iou_at_least_0.5"], d["confidence_median"]])
+    if not rows:
+        return ""
+    return ("<p class=note>bmdpipe predict finds the training field on a radiograph without CT with a heatmap "
+            "U-Net per fold; here each fold's model on its held-out radiographs, against the field from "
+            "2D-3D registration. The bundle for predict is results/model.</p>"
+            + _table(pd.DataFrame(rows, columns=["fold", "training views", "held-out views", "centre error mm (median)",
+                                                 "centre error mm (95 %)", "|height error| % (median)", "IoU (median)",
+                                                 "IoU ≥ 0.5", "confidence (median)"])))
+
+
 def build_report(results: str | Path, samples: pd.DataFrame, out: str | Path, *, title: str = "bmdpipe report",
                  max_qc_patients: int = 4) -> Path:
     """Write the self-contained report page for a finished ``results/`` folder to ``out`` (atomically).
@@ -320,6 +375,7 @@ def build_report(results: str | Path, samples: pd.DataFrame, out: str | Path, *,
         ("Quality control", qc_section(results, samples, max_patients=max_qc_patients)),
         ("Training curves", training_section(results)),
         ("Results", results_section(results)),
+        ("Crop localiser for bmdpipe predict", localiser_section(results)),
     )
     body = "".join(f"<h2>{name}</h2>{content}" for name, content in sections if content)
     page = (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"

@@ -205,18 +205,26 @@ _STAGE_KEYS = {
 def train_slice(part=None):
     """The train config a job depends on: the shared keys plus its own part.
 
-    part: None (folds), "stage1", "stage2" (stage 1's keys and stage 2's), "bmd", "regression", "baseline".
+    part: None (folds), "stage1", "stage2" (stage 1's keys and stage 2's), "bmd", "regression", "baseline",
+    "localiser" (its own keys, the device and seeds: not the GAN's image size or augmentations),
+    "shared" (what every method shares: sites, image size, device; for jobs that only apply trained models).
     """
-    shared = {k: v for k, v in TRAIN.items() if k not in ("enabled", "decomposition", "regression", "baseline")}
+    shared = {k: v for k, v in TRAIN.items() if k not in ("enabled", "decomposition", "regression", "baseline",
+                                                          "localiser")}
     dec = TRAIN.get("decomposition", {})
     if part is None:
         return {k: shared[k] for k in ("folds", "fold_seed", "sites", "measures") if k in shared}
+    if part == "shared":
+        return shared
     if part == "stage1":
         return {**shared, "decomposition": {k: v for k, v in dec.items() if k in _STAGE_KEYS["stage1"]}}
     if part == "bmd":
         return {**shared, "decomposition": {k: v for k, v in dec.items() if k in _STAGE_KEYS["bmd"]}}
     if part == "stage2":
         return {**shared, "decomposition": {k: v for k, v in dec.items() if k not in _STAGE_KEYS["bmd"]}}
+    if part == "localiser":
+        return {**{k: shared[k] for k in ("folds", "fold_seed", "seed", "device") if k in shared},
+                "localiser": TRAIN.get("localiser", {})}
     return {**shared, part: TRAIN.get(part, {})}
 
 
@@ -238,10 +246,11 @@ def get_decomposition_input(wildcards):
 
 
 def get_report_input(wildcards):
-    """What the report reads: the QC table (after every per-patient stage), the sheet, the metrics."""
+    """What the report reads: the QC table (after every per-patient stage), the sheet, the metrics, the bundle."""
     inputs = {"qc": "results/qc/patients.tsv", "samples": COHORT["samples"]}
     if TRAIN["enabled"]:
         inputs["metrics"] = "results/metrics/bmd.json"
+        inputs["model"] = "results/model"
     return inputs
 
 
@@ -249,5 +258,5 @@ def get_final_output():
     """What `snakemake` with no target builds: the report, and the tables it is built from."""
     out = ["results/qc/patients.tsv", "results/report/index.html"]
     if TRAIN["enabled"]:
-        out.append("results/metrics/bmd.tsv")
+        out += ["results/metrics/bmd.tsv", "results/model"]  # the bundle of bmdpipe predict
     return out

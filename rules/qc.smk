@@ -11,7 +11,7 @@ rule qc_table:
         register=expand("results/register/{patient}", patient=PATIENTS),
         targets=expand("results/targets/{patient}", patient=PATIENTS),
     output:
-        "results/qc/patients.tsv",
+        report("results/qc/patients.tsv", caption="../report/qc_table.rst", category="Quality control"),
     log:
         "results/logs/qc_table.log",
     benchmark:

@@ -8,7 +8,7 @@ rule report:
     input:
         unpack(get_report_input),
     output:
-        "results/report/index.html",
+        report("results/report/index.html", caption="../report/index.rst", category="Report"),
     log:
         "results/logs/report.log",
     benchmark:

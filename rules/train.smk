@@ -122,14 +122,68 @@ rule train_baseline:
         "../workflow_scripts/train_regression.py"
 
 
+rule train_localiser:
+    input:
+        unpack(get_fold_data),
+        xrays=expand("results/xray/{patient}", patient=PATIENTS),
+    output:
+        directory("results/models/localiser/fold{fold}"),
+    params:
+        settings=train_slice("localiser"),
+        field_size=config["targets"]["size"],
+        code_version=train_settings.STAGE_VERSION,
+    log:
+        "results/logs/train_localiser/fold{fold}.log",
+    benchmark:
+        "results/benchmarks/train_localiser/fold{fold}.tsv"
+    threads: 2
+    resources:
+        mem_mb=3000,
+        gpu=INFER_GPUS,
+    conda:
+        "../envs/bmdpipe.yaml"
+    script:
+        "../workflow_scripts/train_localiser.py"
+
+
+rule robustness:
+    input:
+        unpack(get_fold_data),
+        xrays=expand("results/xray/{patient}", patient=PATIENTS),
+        generator="results/models/decomposition/fold{fold}/stage2",
+        bmd="results/models/decomposition/fold{fold}/bmd",
+        regression="results/models/regression/fold{fold}",
+        baseline="results/models/baseline/fold{fold}",
+        localiser="results/models/localiser/fold{fold}",
+    output:
+        directory("results/models/robustness/fold{fold}"),
+    params:
+        settings=train_slice("shared"),
+        field_size=config["targets"]["size"],
+        qualities=config["evaluate"]["jpeg_qualities"],
+    log:
+        "results/logs/robustness/fold{fold}.log",
+    benchmark:
+        "results/benchmarks/robustness/fold{fold}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        gpu=INFER_GPUS,
+    conda:
+        "../envs/bmdpipe.yaml"
+    script:
+        "../workflow_scripts/robustness.py"
+
+
 rule evaluate_bmd:
     input:
         decomposition=expand("results/models/decomposition/fold{fold}/bmd", fold=FOLDS),
         regression=expand("results/models/regression/fold{fold}", fold=FOLDS),
         baseline=expand("results/models/baseline/fold{fold}", fold=FOLDS),
+        robustness=expand("results/models/robustness/fold{fold}", fold=FOLDS),
         samples=COHORT["samples"],
     output:
-        metrics="results/metrics/bmd.tsv",
+        metrics=report("results/metrics/bmd.tsv", caption="../report/bmd.rst", category="Results"),
         figures="results/metrics/bmd.json",
         predictions="results/metrics/predictions.tsv",
     params:
@@ -145,3 +199,28 @@ rule evaluate_bmd:
         "../envs/bmdpipe.yaml"
     script:
         "../workflow_scripts/evaluate_bmd.py"
+
+
+rule export_model:
+    input:
+        folds="results/dataset/folds.json",
+        generator=expand("results/models/decomposition/fold{fold}/stage2", fold=FOLDS),
+        bmd=expand("results/models/decomposition/fold{fold}/bmd", fold=FOLDS),
+        regression=expand("results/models/regression/fold{fold}", fold=FOLDS),
+        localiser=expand("results/models/localiser/fold{fold}", fold=FOLDS),
+    output:
+        directory("results/model"),
+    params:
+        field_size=config["targets"]["size"],
+        train={"sites": TRAIN["sites"], "image_size": TRAIN["image_size"]},
+        tscore_reference=config["evaluate"]["tscore_reference"],
+        quality=config["predict"],
+    log:
+        "results/logs/export_model.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+    conda:
+        "../envs/bmdpipe.yaml"
+    script:
+        "../workflow_scripts/export_model.py"

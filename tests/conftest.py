@@ -168,7 +168,8 @@ def tiny_virtual_config() -> dict:
     tiny = {"stage1_epochs": 1, "stage2_epochs": 1, "ngf": 4, "ndf": 4, "num_d": 1}
     cfg["train"].update(folds=2, image_size=[32, 32], decomposition={**cfg["train"]["decomposition"], **tiny},
                         regression={"frozen_epochs": 1, "tune_epochs": 1, "dims": [8, 16], "heads": [1, 2]},
-                        baseline={"model": "resnet10t", "epochs": 1})
+                        baseline={"model": "resnet10t", "epochs": 1},
+                        localiser={"size": 64, "channels": [8, 16, 32], "epochs": 3})
     return cfg
 
 

@@ -36,6 +36,10 @@ def test_report_has_every_section_and_every_exclusion(virtual_run):
         assert f"<h3>{column} (" in page, column
     assert "Osteoporosis screening from T-scores" in page and "Robustness: per pose" in page
     assert "Decomposition examples" in page and "Scatter and Bland–Altman" in page
+    # robustness variants have their own table, not rows of the main one
+    assert "Robustness: localised field and JPEG re-compression" in page and "PCC JPEG 10" in page
+    assert "<td>decomposition+regression @JPEG50</td>" not in page
+    assert "Crop localiser for bmdpipe predict" in page and "centre error mm (median)" in page
     for patient, reason in json.loads((results / "dataset" / "folds.json").read_text())["excluded"].items():
         assert html.escape(reason) in page, patient
     qc = pd.read_csv(results / "qc" / "patients.tsv", sep="\t", keep_default_na=False)
@@ -76,3 +80,18 @@ def test_report_renders_in_headless_chromium_with_no_broken_image(virtual_run, t
     first = re.search(r'src="data:image/png;base64,([^"]{200})', page)
     damaged = page.replace(first.group(1), "A" * 200, 1)
     assert _render(damaged, tmp_path / "damaged.html") == (images, 1)
+
+
+def test_snakemake_report_has_the_captions(virtual_run, tmp_path):
+    """`snakemake --report` on the finished run: a page with the workflow description and the rules' captions."""
+    from conftest import snakemake_run
+
+    out = tmp_path / "snakemake_report.html"
+    snakemake_run("--configfile", str(virtual_run["config"]), "--directory", str(virtual_run["work"]),
+                  "--report", str(out), timeout=600)
+    text = out.read_text(encoding="utf-8")
+    for caption in ("One row per patient, stage and radiograph", "Held-out BMD agreement pooled over the 2",
+                    "The self-contained HTML report of this run", "learned from CT"):
+        assert caption in text, caption
+    for category in ("Quality control", "Results", "Report"):
+        assert category in text, category

@@ -256,9 +256,10 @@ VIRTUAL_PATIENTS = ("sim000", "sim001", "sim002")
 VIRTUAL_JOBS = (
     {(rule, p) for rule in PER_PATIENT for p in VIRTUAL_PATIENTS}
     | {("simulate_cohort", None), ("train_segmenter", None), ("qc_table", None), ("folds", None),
-       ("evaluate_bmd", None), ("report", None)}
+       ("evaluate_bmd", None), ("report", None), ("export_model", None)}
     | {("train_decomposition", f"fold={k}, stage={s}") for k in (0, 1) for s in (1, 2)}
-    | {(rule, f"fold={k}") for rule in ("bmd_from_decomposition", "train_regression", "train_baseline")
+    | {(rule, f"fold={k}") for rule in ("bmd_from_decomposition", "train_regression", "train_baseline",
+                                        "train_localiser", "robustness")
        for k in (0, 1)}
 )
 

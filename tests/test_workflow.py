@@ -224,7 +224,7 @@ def test_virtual_cohort_reruns_touch_only_what_changed(virtual_run, tmp_path):
     work, cfg = virtual_run["work"], virtual_run["cfg"]
     k, n = cfg["train"]["folds"], cfg["cohort"]["simulate"]["n_patients"]
     training = {"folds": 1, "train_decomposition": 2 * k, "bmd_from_decomposition": k, "train_regression": k,
-                "train_baseline": k, "evaluate_bmd": 1}
+                "train_baseline": k, "train_localiser": k, "robustness": k, "export_model": 1, "evaluate_bmd": 1}
     # nothing changed, also in a copy of the project elsewhere (the sheet's paths are recorded relative to it)
     assert _plan(cfg, work, tmp_path / "same.yaml") == {}
     copy = tmp_path / "copy"
@@ -232,13 +232,13 @@ def test_virtual_cohort_reruns_touch_only_what_changed(virtual_run, tmp_path):
     assert _plan(cfg, copy, tmp_path / "same.yaml") == {}
     # one method's training setting: that method's jobs and the evaluation
     changed = copy_config(cfg, ("train", "baseline", "epochs"), 2)
-    assert _plan(changed, work, tmp_path / "baseline.yaml") == {"train_baseline": k, "evaluate_bmd": 1, "report": 1,
-                                                                 "all": 1}
+    assert _plan(changed, work, tmp_path / "baseline.yaml") == {"train_baseline": k, "robustness": k,
+                                                                 "evaluate_bmd": 1, "report": 1, "all": 1}
     # a GAN stage-2 setting: stage 2 and what uses it, not stage 1, the folds or the baseline
     changed = copy_config(cfg, ("train", "decomposition", "stage2_epochs"), 2)
     assert _plan(changed, work, tmp_path / "stage2.yaml") == {
-        "train_decomposition": k, "bmd_from_decomposition": k, "train_regression": k, "evaluate_bmd": 1, "report": 1,
-        "all": 1}
+        "train_decomposition": k, "bmd_from_decomposition": k, "train_regression": k, "robustness": k,
+        "export_model": 1, "evaluate_bmd": 1, "report": 1, "all": 1}
     # a calibration setting: calibration and what uses the density volume (ROI, targets), the QC table and
     # training; not ingestion, segmentation (on HU) or registration (on the CT's attenuation)
     changed = copy_config(cfg, ("calibrate", "phantom", "erosion_mm"), 2.5)

@@ -2,7 +2,8 @@
 
 bmd.tsv: per method and BMD column, PCC, ICC(2,1), MAE, SEE, bias and RMS-CV across poses, pooled over folds
 (seed 004 Table 2's layout). bmd.json: every figure with patient-level bootstrap 95 % CIs, per pose, and
-T-score screening (AUCs, sensitivity and specificity at seed 000's thresholds, per site and per patient).
+T-score screening (AUCs, sensitivity and specificity at seed 000's thresholds, per site and per patient),
+also for the JPEG re-compressed radiographs (methods "{method} @JPEG{q}", with mean file sizes in jpeg_file_kb).
 """
 
 import _common  # noqa: F401  (puts bmdpipe on sys.path)
@@ -12,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from bmdpipe.evaluate.bmd import evaluate, table
+from bmdpipe.evaluate.robustness import read_sizes
 from bmdpipe.io.atomic import write_json
 from bmdpipe.samples import load_samples
 from bmdpipe.train.jobs import write_table
@@ -19,7 +21,7 @@ from bmdpipe.workflow import log, setup_logging
 
 sm = snakemake  # noqa: F821  (injected by Snakemake)
 setup_logging(sm.log[0])
-folders = [*sm.input.decomposition, *sm.input.regression, *sm.input.baseline]
+folders = [*sm.input.decomposition, *sm.input.regression, *sm.input.baseline, *sm.input.robustness]
 predictions = pd.concat([pd.read_csv(Path(d) / "predictions.tsv", sep="\t") for d in folders], ignore_index=True)
 sheet = load_samples(sm.input.samples, check_paths=False)
 sexes = dict(sheet.drop_duplicates("patient_id").set_index("patient_id")["sex"]) if "sex" in sheet else {}
@@ -29,5 +31,7 @@ figures = evaluate(predictions, sexes, reference=settings["tscore_reference"], n
 write_table(predictions, sm.output.predictions)
 rows = table(figures)
 write_table(rows, sm.output.metrics)
+if sm.input.robustness:
+    figures["jpeg_file_kb"] = read_sizes([Path(d) / "robustness.json" for d in sm.input.robustness])
 write_json(sm.output.figures, figures)
 log.info("held-out BMD agreement:\n%s", rows.to_string(index=False))

@@ -16,9 +16,17 @@ METHOD_ORDER = ["ceiling", "decomposition", "decomposition+regression", "baselin
 TABLE_FIGURES = ("pcc", "icc", "mae", "see", "bias")
 
 
-def method_key(method: str) -> tuple[int, str]:
-    """Sort key putting methods in :data:`METHOD_ORDER`, unknown ones after them by name."""
-    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+def method_key(method: str) -> tuple:
+    """Sort key putting methods in :data:`METHOD_ORDER` (unknown ones after them by name), each method's
+    robustness variants (``"baseline @JPEG50"``) right after it: the localised field, then JPEG by falling quality."""
+    base, _, variant = method.partition(" @")
+    if not variant:
+        rank: tuple = (0,)
+    elif variant.startswith("JPEG") and variant[4:].isdigit():
+        rank = (2, -int(variant[4:]))
+    else:
+        rank = (1, variant)
+    return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), base, rank)
 
 
 def table(figures: dict[str, Any]) -> pd.DataFrame:

@@ -43,6 +43,8 @@ class BmdFit:
         threshold: t, g/cm².
         pcc_train: PCC on the training images at ``threshold``.
         curve: PCC for every candidate threshold (Fig. 4's line).
+        train_range: min and max of the thresholded mean over the training images, g/cm² (what
+            ``bmdpipe predict`` calls a decomposition like the training ones).
     """
 
     column: str
@@ -53,10 +55,23 @@ class BmdFit:
     pcc_train: float
     n_train: int
     curve: dict[str, float]
+    train_range: tuple[float, float] | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BmdFit":
+        """Inverse of :meth:`to_dict` (``bmd_fit.json``'s entries)."""
+        d = dict(d)
+        if d.get("train_range") is not None:
+            d["train_range"] = tuple(d["train_range"])
+        return cls(**d)
+
+    def feature(self, images: np.ndarray) -> np.ndarray:
+        """The thresholded mean of the site channel of ``(N, S, H, W)`` images → ``(N,)`` g/cm²."""
+        return thresholded_means(images, self.threshold)[:, self.channel]
 
     def apply(self, images: np.ndarray) -> np.ndarray:
         """BMD of ``(N, S, H, W)`` ROI images → ``(N,)``."""
-        return self.intercept + self.slope * thresholded_means(images, self.threshold)[:, self.channel]
+        return self.intercept + self.slope * self.feature(images)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,4 +101,4 @@ def fit_column(images: np.ndarray, bmd: np.ndarray, column: str, channel: int,
     m = thresholded_means(images[ok], best)[:, channel]
     slope, intercept = np.polyfit(m, y, 1)
     return BmdFit(column, channel, float(best), float(slope), float(intercept), curve[f"{best:g}"], int(ok.sum()),
-                  curve)
+                  curve, (float(m.min()), float(m.max())))

@@ -209,3 +209,88 @@ def regression_fold_job(*, folds: str, fold: int, targets_root: str, samples: st
                              progress=True)
     if is_main():
         regression_predictions_job(model, test, fold, method, Path(out) / "predictions.tsv", device=parsed.device)
+
+
+def localiser_fold_job(*, folds: str, fold: int, targets_root: str, samples: str, settings: dict, xray_root: str,
+                       aspect: float, out: str, checkpoints: str, code_version: str) -> dict:
+    """Rule train_localiser: the crop localiser of one fold, trained on its training patients' registered views.
+
+    Writes ``out/model.pt``, ``metrics.csv``, ``heldout.tsv`` (per held-out view: centre error in mm,
+    height error in %, IoU with the registered box, confidence) and ``localiser.json`` (their summary).
+    ``samples`` is unused (the localiser needs no BMD) but kept for the shared fold-job arguments.
+    """
+    from bmdpipe.train.localise import evaluate_localiser, load_localiser_views, summarise_localiser, train_localiser
+    from bmdpipe.train.settings import work_dir
+
+    parsed = TrainSettings.from_config(settings)
+    loc = parsed.localiser
+    parts = split(json.loads(Path(folds).read_text())["folds"], fold)
+    train = load_localiser_views(parts["train"], targets_root, xray_root, loc.size)
+    test = load_localiser_views(parts["test"], targets_root, xray_root, loc.size)
+    work = work_dir(checkpoints, fold, "localiser", settings, code_version, parts["train"])
+    model = train_localiser(train, out, work, loc, aspect=aspect, device=parsed.device, seed=parsed.seed + fold,
+                            progress=True)
+    table = evaluate_localiser(model, test, fold, device=str(resolve_device(parsed.device)))
+    write_table(table, Path(out) / "heldout.tsv")
+    summary = {"stage": "localiser", "status": "ok", "fold": fold, "code_version": STAGE_VERSION,
+               "bmdpipe_version": __version__, "n_train_views": len(train), **summarise_localiser(table)}
+    write_json(Path(out) / "localiser.json", summary)
+    return summary
+
+
+def robustness_fold_job(*, folds: str, fold: int, targets_root: str, samples: str, settings: dict, xray_root: str,
+                        field_size: Sequence[int], qualities: Sequence[int], generator: str, bmd_fit: str,
+                        regressor: str, baseline: str, localiser: str, out: str) -> pd.DataFrame:
+    """Rule robustness: a fold's trained models on variants of its held-out radiographs
+    (:mod:`bmdpipe.evaluate.robustness`): re-compressed as JPEG at each quality, and cropped where the fold's
+    localiser puts the field (``bmdpipe predict``'s path) instead of where registration put it.
+
+    Writes ``out/predictions.tsv`` (methods ``decomposition``, ``decomposition+regression`` and ``baseline``,
+    each as ``"{method} @JPEG{q}"`` and ``"{method} @localiser"``) and ``out/robustness.json`` (mean file size
+    per quality, the localised fields' IoU with the registered ones).
+    """
+    from bmdpipe.evaluate.robustness import (
+        JPEG_TAG,
+        LOCALISER_TAG,
+        localised_views,
+        recompressed_views,
+        robustness_summary,
+    )
+    from bmdpipe.train.bmd_fit import BmdFit
+    from bmdpipe.train.decomposition import load_generator, predict
+    from bmdpipe.train.localise import load_localiser
+    from bmdpipe.train.regression import load_regressor, predict_bmd
+
+    parsed = TrainSettings.from_config(settings)
+    device = resolve_device(parsed.device)
+    _, test, columns = fold_views(folds, fold, targets_root, samples, parsed)
+    gen, _ = load_generator(generator, device)
+    fits = [BmdFit.from_dict(f) for f in json.loads(Path(bmd_fit).read_text())["fits"]]
+    models = {"decomposition+regression": load_regressor(regressor, device),
+              "baseline": load_regressor(baseline, device)}
+
+    def rows(views: Sequence[View], tag: str) -> list[pd.DataFrame]:
+        images = predict(gen, views)
+        out = [prediction_rows(views, fold, f"decomposition {tag}", columns,
+                               np.stack([f.apply(images) for f in fits], axis=1))]
+        for method, (model, payload) in models.items():
+            pred = predict_bmd(model, payload["norm"], views)
+            order = [payload["norm"]["columns"].index(c) for c in columns]
+            out.append(prediction_rows(views, fold, f"{method} {tag}", columns, pred[:, order]))
+        return out
+
+    tables, sizes, raw_kb = [], {}, None
+    for q in qualities:
+        views, sizes[int(q)], raw_kb = recompressed_views(test, targets_root, xray_root, int(q), field_size,
+                                                          parsed.image_size)
+        tables += rows(views, f"{JPEG_TAG}{q}")
+    views, ious = localised_views(test, targets_root, xray_root, [load_localiser(localiser, device)], field_size,
+                                  parsed.image_size)
+    tables += rows(views, LOCALISER_TAG)
+    table = pd.concat(tables, ignore_index=True)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write_table(table, Path(out) / "predictions.tsv")
+    write_json(Path(out) / "robustness.json", {
+        "fold": fold, "n_views": len(test), **robustness_summary(sizes, raw_kb),
+        "localiser_iou": {"median": float(np.median(ious)) if ious else None, "values": ious}})
+    return table

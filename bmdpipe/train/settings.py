@@ -86,6 +86,33 @@ class BaselineSettings:
 
 
 @dataclass(frozen=True)
+class LocaliserSettings:
+    """The crop localiser of ``bmdpipe predict`` (:mod:`bmdpipe.train.localise`): a heatmap U-Net on the whole radiograph.
+
+    Attributes:
+        size: the radiograph is letterboxed to ``size × size`` pixels (a multiple of 2^(levels-1)).
+        channels: U-Net feature channels per level.
+        sigma_px: SD of the target Gaussians, grid pixels.
+        foreground_weight: squared errors weigh ``1 + foreground_weight × target`` (see
+            :func:`bmdpipe.models.landmarks.heatmap_loss`).
+        epochs, batch_size, lr, weight_decay, restart_epochs: AdamW with cosine warm restarts.
+        augment: :class:`bmdpipe.train.data.Augment` keys (image and heatmaps move together).
+    """
+
+    size: int = 96
+    channels: tuple[int, ...] = (8, 16, 32, 64)
+    sigma_px: float = 3.0
+    foreground_weight: float = 20.0
+    epochs: int = 100
+    batch_size: int = 8
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    restart_epochs: int = 100
+    augment: dict[str, Any] = field(default_factory=lambda: {
+        "rotate_deg": 8, "scale": 0.1, "translate": 0.08, "brightness": 0.3, "contrast": 0.3, "hflip": True})
+
+
+@dataclass(frozen=True)
 class TrainSettings:
     """What every training stage shares.
 
@@ -119,11 +146,13 @@ class TrainSettings:
     decomposition: DecompositionSettings = DecompositionSettings()
     regression: RegressionSettings = RegressionSettings()
     baseline: BaselineSettings = BaselineSettings()
+    localiser: LocaliserSettings = LocaliserSettings()
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> "TrainSettings":
         cfg = dict(cfg or {})
-        subs = {"decomposition": DecompositionSettings, "regression": RegressionSettings, "baseline": BaselineSettings}
+        subs = {"decomposition": DecompositionSettings, "regression": RegressionSettings, "baseline": BaselineSettings,
+                "localiser": LocaliserSettings}
         for key, kind in subs.items():
             cfg[key] = kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in (cfg.get(key) or {}).items()})
         for key in ("sites", "measures", "image_size", "views"):
