@@ -106,9 +106,12 @@ def test_quality_flags_catch_an_image_unlike_the_training_ones(bundle):
 
 
 def test_classes_follow_who_and_acr():
-    assert classify("dxa_L1", 0.997 - 2.6 * 0.1067, "F", "seed000")[1] == "osteoporosis"
-    assert classify("dxa_L1", 0.997 - 1.5 * 0.1067, "F", "seed000")[1] == "osteopenia"
-    assert classify("dxa_L1", 0.997, "M", "seed000") == (pytest.approx(0.0, abs=1e-3), "normal")
+    from bmdpipe.tscore import reference_table
+
+    mu, sd = reference_table("seed000")["F"]["L1"]
+    assert classify("dxa_L1", mu - 2.6 * sd, "F", "seed000") == (pytest.approx(-2.6), "osteoporosis")
+    assert classify("dxa_L1", mu - 1.5 * sd, "F", "seed000")[1] == "osteopenia"
+    assert classify("dxa_L1", mu, "M", "seed000") == (pytest.approx(0.0), "normal")
     assert classify("qct_L1", 79.0, "F", "seed000")[1] == "osteoporosis"
     assert classify("qct_L1", 100.0, "F", "seed000")[1] == "osteopenia"
     assert np.isnan(classify("qct_L1", 150.0, "F", "seed000")[0])
