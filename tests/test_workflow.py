@@ -197,7 +197,9 @@ def test_virtual_cohort_runs_end_to_end(virtual_run):
     assert used == sorted({"sim000", "sim001", "sim002"} - set(folds["excluded"])) and len(used) >= 2, folds
     assert folds["columns"] == ["dxa_T12", "dxa_L1", "qct_L1"]
     metrics = pd.read_csv(work / "results" / "metrics" / "bmd.tsv", sep="\t")
-    assert set(metrics.method) == {"ceiling", "decomposition", "decomposition+regression", "baseline"}
+    learned = ("decomposition", "decomposition+regression", "baseline")
+    variants = {f"{m} @JPEG{q}" for m in learned for q in (100, 50, 10)} | {f"{m} @localiser" for m in learned}
+    assert set(metrics.method) == {"ceiling", *learned} | variants  # robustness variants: test_predict, test_report
     made = sum(len(json.loads((work / "results" / "targets" / p / "targets.json").read_text())["views"])
                for p in used)
     assert (metrics.n_views == made).all(), metrics
