@@ -41,9 +41,8 @@ import torch
 from bmdpipe import __version__, tscore
 from bmdpipe.errors import InputError
 from bmdpipe.io.atomic import atomic_path, write_json
-from bmdpipe.targets import crop_resize
 from bmdpipe.train.bmd_fit import BmdFit
-from bmdpipe.train.data import _resize, standardise
+from bmdpipe.train.data import model_input
 
 log = logging.getLogger("bmdpipe")
 
@@ -146,8 +145,7 @@ class Predictor:
 
         loc = locate([f["localiser"] for f in self.folds], image)
         box = loc["box"]
-        crop = crop_resize(image, box, tuple(self.meta["field_size"]))
-        x = standardise(_resize(crop, self.meta["image_size"]))
+        x = model_input(image, box, self.meta["field_size"], self.meta["image_size"])
         xt = torch.from_numpy(x)[None, None].to(self.device)
         dec, reg, feat, rois = [], [], [], []
         for f in self.folds:

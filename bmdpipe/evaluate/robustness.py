@@ -26,8 +26,7 @@ import numpy as np
 from PIL import Image
 
 from bmdpipe.io.xray import load_xray
-from bmdpipe.targets import crop_resize
-from bmdpipe.train.data import View, _resize, standardise
+from bmdpipe.train.data import View, model_input
 
 #: What separates a method from its variant in a method name: ``"baseline @JPEG50"``.
 VARIANT = " @"
@@ -52,50 +51,49 @@ def jpeg_roundtrip(image: np.ndarray, quality: int) -> tuple[np.ndarray, int]:
     return (decoded / 255 * scale + lo).astype(np.float32), len(buf.getvalue())
 
 
-def recompressed_views(views: Sequence[View], targets_root: str | os.PathLike[str], xray_root: str | os.PathLike[str],
-                       quality: int, field_size: Sequence[int],
-                       image_size: Sequence[int]) -> tuple[list[View], float, float]:
-    """Copies of ``views`` whose radiograph is re-read from the JPEG-compressed full image.
+def whole_radiographs(views: Sequence[View], targets_root: str | os.PathLike[str],
+                      xray_root: str | os.PathLike[str]) -> list[tuple[np.ndarray, list[int]]]:
+    """Each view's ingested whole radiograph and its registered field ``[r0, r1, c0, c1]`` (read once for
+    every variant)."""
+    out = []
+    for v in views:
+        image, _ = load_xray(Path(xray_root) / v.patient / f"{v.view}.nii.gz")
+        with np.load(Path(targets_root) / v.patient / f"{v.view}.npz") as z:
+            out.append((image, [int(b) for b in z["crop_box_rows_cols"]]))
+    return out
+
+
+def recompressed_views(views: Sequence[View], wholes: Sequence[tuple[np.ndarray, list[int]]], quality: int,
+                       field_size: Sequence[int], image_size: Sequence[int]) -> tuple[list[View], float, float]:
+    """Copies of ``views`` whose radiograph is re-read from the JPEG-compressed whole image
+    (``wholes`` from :func:`whole_radiographs`).
 
     Returns:
-        ``(views, mean JPEG size, mean 16-bit raw size)`` of the full radiographs, kB.
+        ``(views, mean JPEG size, mean 16-bit raw size)`` of the whole radiographs, kB.
     """
     out, sizes, raw = [], [], []
-    for v in views:
-        image, box = full_radiograph(v, targets_root, xray_root)
+    for v, (image, box) in zip(views, wholes):
         decoded, nbytes = jpeg_roundtrip(image, quality)
         sizes.append(nbytes / 1000)
         raw.append(image.size * 2 / 1000)
-        crop = crop_resize(decoded, box, tuple(field_size))
-        out.append(replace(v, xray=standardise(_resize(crop, image_size))))
+        out.append(replace(v, xray=model_input(decoded, box, field_size, image_size)))
     if not out:
         return out, float("nan"), float("nan")
     return out, float(np.mean(sizes)), float(np.mean(raw))
 
 
-def localised_views(views: Sequence[View], targets_root: str | os.PathLike[str], xray_root: str | os.PathLike[str],
-                    localisers: Sequence, field_size: Sequence[int],
-                    image_size: Sequence[int]) -> tuple[list[View], list[float]]:
+def localised_views(views: Sequence[View], wholes: Sequence[tuple[np.ndarray, list[int]]], localisers: Sequence,
+                    field_size: Sequence[int], image_size: Sequence[int]) -> tuple[list[View], list[float]]:
     """Copies of ``views`` cropped where ``localisers`` (:func:`bmdpipe.train.localise.load_localiser` pairs)
     place the field; also each view's IoU with the registered field."""
     from bmdpipe.train.localise import box_iou, locate
 
     out, ious = [], []
-    for v in views:
-        image, registered = full_radiograph(v, targets_root, xray_root)
+    for v, (image, registered) in zip(views, wholes):
         box = locate(localisers, image)["box"]
-        out.append(replace(v, xray=standardise(_resize(crop_resize(image, box, tuple(field_size)), image_size))))
+        out.append(replace(v, xray=model_input(image, box, field_size, image_size)))
         ious.append(box_iou(box, registered))
     return out, ious
-
-
-def full_radiograph(v: View, targets_root: str | os.PathLike[str],
-                    xray_root: str | os.PathLike[str]) -> tuple[np.ndarray, list[int]]:
-    """The ingested whole radiograph of a view and its registered field ``[r0, r1, c0, c1]``."""
-    image, _ = load_xray(Path(xray_root) / v.patient / f"{v.view}.nii.gz")
-    with np.load(Path(targets_root) / v.patient / f"{v.view}.npz") as z:
-        box = [int(b) for b in z["crop_box_rows_cols"]]
-    return image, box
 
 
 def robustness_summary(sizes_kb: dict[int, float], raw_kb: float) -> dict:

@@ -72,6 +72,20 @@ def standardise(x: np.ndarray) -> np.ndarray:
     return ((x - x.mean()) / (sd if sd > 0 else 1.0)).astype(np.float32)
 
 
+def model_input(image: np.ndarray, box: Sequence[int], field_size: Sequence[int],
+                image_size: Sequence[int]) -> np.ndarray:
+    """The networks' input from a whole ingested radiograph: ``box`` ``[r0, r1, c0, c1]`` cropped to the
+    targets' ``field_size`` (as the targets stage crops its ``xray``), area-averaged to the training
+    ``image_size``, standardised. ``(H, W)`` float32.
+
+    Training reads the targets' stored crop (:func:`load_patient_views`); the robustness variants and
+    ``bmdpipe predict`` start from the whole radiograph through this function, so all three agree.
+    """
+    from bmdpipe.targets import crop_resize
+
+    return standardise(_resize(crop_resize(image, box, tuple(field_size)), image_size))
+
+
 def load_patient_views(
     targets_dir: str | Path,
     sites: Sequence[str],

@@ -255,6 +255,7 @@ def robustness_fold_job(*, folds: str, fold: int, targets_root: str, samples: st
         localised_views,
         recompressed_views,
         robustness_summary,
+        whole_radiographs,
     )
     from bmdpipe.train.bmd_fit import BmdFit
     from bmdpipe.train.decomposition import load_generator, predict
@@ -279,13 +280,12 @@ def robustness_fold_job(*, folds: str, fold: int, targets_root: str, samples: st
             out.append(prediction_rows(views, fold, f"{method} {tag}", columns, pred[:, order]))
         return out
 
+    wholes = whole_radiographs(test, targets_root, xray_root)
     tables, sizes, raw_kb = [], {}, None
     for q in qualities:
-        views, sizes[int(q)], raw_kb = recompressed_views(test, targets_root, xray_root, int(q), field_size,
-                                                          parsed.image_size)
+        views, sizes[int(q)], raw_kb = recompressed_views(test, wholes, int(q), field_size, parsed.image_size)
         tables += rows(views, f"{JPEG_TAG}{q}")
-    views, ious = localised_views(test, targets_root, xray_root, [load_localiser(localiser, device)], field_size,
-                                  parsed.image_size)
+    views, ious = localised_views(test, wholes, [load_localiser(localiser, device)], field_size, parsed.image_size)
     tables += rows(views, LOCALISER_TAG)
     table = pd.concat(tables, ignore_index=True)
     Path(out).mkdir(parents=True, exist_ok=True)
