@@ -21,6 +21,7 @@ include: "rules/register.smk"
 include: "rules/targets.smk"
 include: "rules/qc.smk"
 include: "rules/train.smk"
+include: "rules/experiments.smk"
 include: "rules/report.smk"
 
 

@@ -16,6 +16,7 @@ from bmdpipe import targets as targets_stage
 from bmdpipe import segment as segment_stage
 from bmdpipe import segment_unet
 from bmdpipe.train import settings as train_settings
+from bmdpipe.evaluate.robustness import JPEG_TAG, LOCALISER_TAG
 
 
 validate(config, "../schemas/config.schema.yaml")
@@ -243,6 +244,70 @@ def get_decomposition_input(wildcards):
     if wildcards.stage == "2" and not TRAIN["decomposition"].get("stage2_from_scratch", False):
         inputs["init"] = f"results/models/decomposition/fold{wildcards.fold}/stage1"
     return inputs
+
+
+#: Training experiments (seed 004 §4.2.3, §4.2.5): name → {views, calibration}; null entries left out.
+EXPERIMENTS = {name: spec for name, spec in config["evaluate"]["experiments"].items() if spec}
+
+wildcard_constraints:
+    experiment="|".join(re.escape(name) for name in EXPERIMENTS) or "(?!)",
+
+
+def check_experiments():
+    """A pose subset must name poses of the cohort (else its training would have no views)."""
+    poses = set(SAMPLES.view)
+    for name, spec in EXPERIMENTS.items():
+        if name == LOCALISER_TAG[1:] or name.startswith(JPEG_TAG[1:]):
+            raise ValueError(f"config evaluate.experiments.{name}: the name is taken by a robustness variant "
+                             f"(methods '... {LOCALISER_TAG}', '... {JPEG_TAG}{{q}}'); choose another")
+        missing = sorted(set(spec.get("views") or ()) - poses)
+        if missing and TRAIN["enabled"]:
+            raise ValueError(f"config evaluate.experiments.{name}.views: {missing} are not views of the samples "
+                             f"sheet {COHORT['samples']} (it has {sorted(poses)}); name poses it has, or set "
+                             f"evaluate.experiments.{name}: null to leave the experiment out")
+
+
+check_experiments()
+
+
+def experiment_slice(wildcards, part):
+    """:func:`train_slice` of ``part`` with the experiment's pose subset (``train.views``) in place."""
+    settings = train_slice(part)
+    views = EXPERIMENTS[wildcards.experiment].get("views")
+    return {**settings, "views": views} if views else settings
+
+
+def experiment_root(wildcards):
+    return f"results/experiments/{wildcards.experiment}"
+
+
+def get_experiment_fold_data(wildcards):
+    """:func:`get_fold_data` with the experiment's own targets when it changes the calibration."""
+    inputs = get_fold_data(wildcards)
+    if EXPERIMENTS[wildcards.experiment].get("calibration"):
+        inputs["targets"] = [f"{experiment_root(wildcards)}/targets/{p}" for p in PATIENTS]
+    return inputs
+
+
+def get_experiment_decomposition_input(wildcards):
+    """The experiment's fold data, plus its own stage 1 for stage 2 (unless stage 2 trains from scratch)."""
+    inputs = get_experiment_fold_data(wildcards)
+    if wildcards.stage == "2" and not TRAIN["decomposition"].get("stage2_from_scratch", False):
+        inputs["init"] = f"{experiment_root(wildcards)}/models/decomposition/fold{wildcards.fold}/stage1"
+    return inputs
+
+
+def get_experiment_model_input(wildcards):
+    """The experiment's fold data and its stage-2 generator (BMD fit, stage 3)."""
+    return {**get_experiment_fold_data(wildcards),
+            "generator": f"{experiment_root(wildcards)}/models/decomposition/fold{wildcards.fold}/stage2"}
+
+
+def experiment_results():
+    """Every experiment's held-out predictions: its BMD-fit and stage-3 folders of every fold."""
+    return [path for name in EXPERIMENTS for fold in FOLDS
+            for path in (f"results/experiments/{name}/models/decomposition/fold{fold}/bmd",
+                         f"results/experiments/{name}/models/regression/fold{fold}")]
 
 
 def get_report_input(wildcards):

@@ -37,6 +37,7 @@ rule train_decomposition:
         directory("results/models/decomposition/fold{fold}/stage{stage}"),
     params:
         settings=lambda wildcards: train_slice(f"stage{wildcards.stage}"),
+        checkpoints="results/checkpoints/decomposition",
         code_version=train_settings.STAGE_VERSION,
     log:
         "results/logs/train_decomposition/fold{fold}_stage{stage}.log",
@@ -60,6 +61,7 @@ rule bmd_from_decomposition:
         directory("results/models/decomposition/fold{fold}/bmd"),
     params:
         settings=train_slice("bmd"),
+        tag="",  # appended to the method names (an experiment's " @{name}")
         code_version=train_settings.STAGE_VERSION,
     log:
         "results/logs/bmd_from_decomposition/fold{fold}.log",
@@ -84,6 +86,7 @@ rule train_regression:
     params:
         settings=train_slice("regression"),
         method="decomposition+regression",
+        checkpoints="results/checkpoints/train_regression",
         code_version=train_settings.STAGE_VERSION,
     log:
         "results/logs/train_regression/fold{fold}.log",
@@ -107,6 +110,7 @@ rule train_baseline:
     params:
         settings=train_slice("baseline"),
         method="baseline",
+        checkpoints="results/checkpoints/train_baseline",
         code_version=train_settings.STAGE_VERSION,
     log:
         "results/logs/train_baseline/fold{fold}.log",
@@ -181,6 +185,7 @@ rule evaluate_bmd:
         regression=expand("results/models/regression/fold{fold}", fold=FOLDS),
         baseline=expand("results/models/baseline/fold{fold}", fold=FOLDS),
         robustness=expand("results/models/robustness/fold{fold}", fold=FOLDS),
+        experiments=experiment_results(),
         samples=COHORT["samples"],
     output:
         metrics=report("results/metrics/bmd.tsv", caption="../report/bmd.rst", category="Results"),

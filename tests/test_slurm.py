@@ -18,6 +18,7 @@ check that finds nothing finished) and Snakemake starting again inside every SLU
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -31,7 +32,7 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 import yaml
-from conftest import REPO, build_small_cohort
+from conftest import REPO, build_small_cohort, snakemake_run
 
 pytestmark = pytest.mark.slow
 
@@ -270,7 +271,13 @@ def slurm_virtual_run(local_slurm, virtual_run, tmp_path_factory):
     the U-Net and all training, every job submitted with sbatch."""
     root = tmp_path_factory.mktemp("slurm_virtual")
     print(f"\n[test_slurm] tiny virtual cohort, local run (--cores 2): {virtual_run['seconds']:.1f} s")
-    return _slurm_workflow(local_slurm, virtual_run["config"], root / "work", root / "profile_test",
+    # without the training experiments (same rules again under other names; 25 more SLURM jobs would double
+    # this test's time); the profile's entries for them are checked in test_profile_covers_every_rule
+    cfg = copy.deepcopy(virtual_run["cfg"])
+    cfg["evaluate"]["experiments"] = {name: None for name in cfg["evaluate"]["experiments"]}
+    config = root / "no_experiments.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    return _slurm_workflow(local_slurm, config, root / "work", root / "profile_test",
                            label="tiny virtual cohort through training", timeout=2400)
 
 
@@ -308,6 +315,19 @@ def test_training_chain_matches_a_local_run(slurm_virtual_run, virtual_run):
                     np.testing.assert_array_equal(za[key], zb[key], err_msg=f"{patient}/{a.name}:{key}")
     # seeded CPU training with the same threads: the same held-out predictions
     pa = pd.read_csv(local / "metrics" / "predictions.tsv", sep="\t")
+    experiments = tuple(f" @{name}" for name in virtual_run["cfg"]["evaluate"]["experiments"])
+    pa = pa[~pa.method.str.endswith(experiments)].reset_index(drop=True)  # not run through SLURM
     pb = pd.read_csv(slurm / "metrics" / "predictions.tsv", sep="\t")
     assert len(pa) > 0
     pd.testing.assert_frame_equal(pa, pb, rtol=1e-5)
+
+
+def test_profile_covers_every_rule():
+    """Every rule but `all` has the SLURM profile's runtime and memory (the default 30 min would kill training)."""
+    proc = snakemake_run("--list-rules")
+    rules = set(proc.stdout.split()) - {"all"}
+    profile = yaml.safe_load((PROFILE / "config.yaml").read_text())["set-resources"]
+    assert len(rules) > 20 and {"train_decomposition_experiment", "targets_experiment"} <= rules, proc.stdout
+    assert rules <= set(profile), rules - set(profile)
+    for rule in rules:
+        assert profile[rule]["runtime"] > 0 and (profile[rule].get("mem_mb", 0) > 0 or rule == "demo_cohort"), rule

@@ -3,7 +3,8 @@
 bmd.tsv: per method and BMD column, PCC, ICC(2,1), MAE, SEE, bias and RMS-CV across poses, pooled over folds
 (seed 004 Table 2's layout). bmd.json: every figure with patient-level bootstrap 95 % CIs, per pose, and
 T-score screening (AUCs, sensitivity and specificity at seed 000's thresholds, per site and per patient),
-also for the JPEG re-compressed radiographs (methods "{method} @JPEG{q}", with mean file sizes in jpeg_file_kb).
+also for the JPEG re-compressed radiographs (methods "{method} @JPEG{q}", with mean file sizes in jpeg_file_kb)
+and the training experiments (methods "{method} @{experiment}", their settings in "experiments").
 """
 
 import _common  # noqa: F401  (puts bmdpipe on sys.path)
@@ -21,7 +22,8 @@ from bmdpipe.workflow import log, setup_logging
 
 sm = snakemake  # noqa: F821  (injected by Snakemake)
 setup_logging(sm.log[0])
-folders = [*sm.input.decomposition, *sm.input.regression, *sm.input.baseline, *sm.input.robustness]
+folders = [*sm.input.decomposition, *sm.input.regression, *sm.input.baseline, *sm.input.robustness,
+           *sm.input.experiments]
 predictions = pd.concat([pd.read_csv(Path(d) / "predictions.tsv", sep="\t") for d in folders], ignore_index=True)
 sheet = load_samples(sm.input.samples, check_paths=False)
 sexes = dict(sheet.drop_duplicates("patient_id").set_index("patient_id")["sex"]) if "sex" in sheet else {}
@@ -33,5 +35,6 @@ rows = table(figures)
 write_table(rows, sm.output.metrics)
 if sm.input.robustness:
     figures["jpeg_file_kb"] = read_sizes([Path(d) / "robustness.json" for d in sm.input.robustness])
+figures["experiments"] = {name: spec for name, spec in settings["experiments"].items() if spec}
 write_json(sm.output.figures, figures)
 log.info("held-out BMD agreement:\n%s", rows.to_string(index=False))

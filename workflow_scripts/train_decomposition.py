@@ -19,5 +19,5 @@ init = str(Path(sm.input.init) / "generator.pt") if "init" in sm.input.keys() el
 with atomic_dir(sm.output[0]) as out:
     launch("bmdpipe.train.jobs:decomposition_fold_job",
            {**job, "stage": int(sm.wildcards.stage), "out": str(out), "init": init,
-            "checkpoints": "results/checkpoints/decomposition", "code_version": sm.params.code_version},
+            "checkpoints": sm.params.checkpoints, "code_version": sm.params.code_version},
            processes=settings.processes, threads=sm.threads, log_file=sm.log[0])

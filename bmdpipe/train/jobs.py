@@ -118,7 +118,7 @@ def write_table(df: pd.DataFrame, path: str | os.PathLike[str]) -> None:
 
 def bmd_fit_job(generator_path: str | os.PathLike[str], train: Sequence[View], test: Sequence[View],
                 columns: Sequence[str], fold: int, settings: TrainSettings,
-                out_dir: str | os.PathLike[str]) -> dict:
+                out_dir: str | os.PathLike[str], tag: str = "") -> dict:
     """Choose t and fit the lines on the training views; apply them to the held-out views.
 
     The ``decomposition`` method's t and line are fitted on the generator's images of the training views
@@ -127,7 +127,8 @@ def bmd_fit_job(generator_path: str | os.PathLike[str], train: Sequence[View], t
 
     Writes ``bmd_fit.json`` (both fits per column, with the PCC-vs-t curves), ``predictions.tsv`` (held-out,
     methods ``decomposition`` and ``ceiling``) and ``examples.npz`` (a few held-out radiograph | predicted |
-    true triples for the report).
+    true triples for the report). ``tag`` is appended to both method names (a training experiment's
+    ``" @{name}"``).
     """
     from bmdpipe.train.decomposition import load_generator, predict
 
@@ -146,8 +147,8 @@ def bmd_fit_job(generator_path: str | os.PathLike[str], train: Sequence[View], t
     ceiling = np.stack([f.apply(true_test) for f in ceiling_fits], axis=1)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    table = pd.concat([prediction_rows(test, fold, "decomposition", columns, pred),
-                       prediction_rows(test, fold, "ceiling", columns, ceiling)])
+    table = pd.concat([prediction_rows(test, fold, "decomposition" + tag, columns, pred),
+                       prediction_rows(test, fold, "ceiling" + tag, columns, ceiling)])
     write_table(table, out / "predictions.tsv")
     n = min(4, len(test))
     with atomic_path(out / "examples.npz") as tmp:
