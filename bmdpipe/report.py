@@ -39,6 +39,7 @@ QC_IMAGES = (
     ("DXA ROI", "roi/{p}/qc.png"),
     ("registration", "register/{p}/qc.png"),
     ("targets (first view)", "targets/{p}/{view}_qc.png"),
+    ("seed 000 landmarks and ROIs (first view)", "targets/{p}/{view}_chest.png"),
 )
 
 STYLE = """

@@ -20,6 +20,12 @@ Saved per view as ``{view}.npz`` (arrays ``xray``, ``bone``, ``roi`` of shape
 ``(rows, cols)`` float32, plus the crop box, pixel size and pose) with a QC
 overlay PNG; ``targets.json`` lists the views made and the views left out
 with their reasons (failed registrations are never used).
+
+Each view also gets seed 000's 16 chest landmarks (:mod:`bmdpipe.chest_landmarks`), found on the
+bone labels and projected through the registered pose: ``chest_landmarks_rows_cols`` ``(16, 2)``
+whole-radiograph pixels, NaN where the labels lack the bone (the U-Net's labels name only the
+target vertebrae) or the point falls outside the detector; ``{view}_chest.png`` draws them and
+seed 000's 14 ROI boxes on the whole radiograph.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ from bmdpipe.errors import InputError
 log = logging.getLogger(__name__)
 
 #: Bump when a change to this stage changes its outputs (the rule re-runs).
-STAGE_VERSION = "1"
+STAGE_VERSION = "2"
 
 
 @dataclass(frozen=True)
@@ -315,6 +321,9 @@ def make_targets(
     }
     site_names = [_label_name(v) for v in site_values]
     points = vertebra_points(bone_labels, settings.vertebrae, step=7) if settings.field == "vertebrae" else None
+    from bmdpipe.chest_landmarks import chest_landmarks
+
+    chest, _ = chest_landmarks(bone_labels)
     out: dict[str, dict[str, Any]] = {}
     for view, reg in ok.items():
         cam_json = reg["camera"]
@@ -337,6 +346,8 @@ def make_targets(
         if image.shape != tuple(camera.shape):
             excluded[view] = f"radiograph shape {image.shape} differs from the registered camera {camera.shape}"
             continue
+        marks = project_points(chest, camera, pose, iso) if np.isfinite(chest).any() else np.full((len(chest), 2), np.nan)
+        marks[~((marks >= 0) & (marks <= np.array(camera.shape) - 1)).all(axis=1)] = np.nan  # off the detector
         out[view] = {
             "xray": crop_resize(image, box, settings.size),
             "bone": project(subjects["bone"], tcam, pose, settings.ray_oversample),
@@ -359,6 +370,7 @@ def make_targets(
             "isocenter_ras_mm": np.array(iso, dtype=np.float64),
             "camera_to_world_ras": np.array(reg["camera_to_world_ras"], dtype=np.float64),
             "registration_similarity": np.float64(reg["similarity"]),
+            "chest_landmarks_rows_cols": marks.astype(np.float64),
         }
     return out, excluded
 
@@ -430,6 +442,7 @@ def targets_patient(
             with open(tmp, "wb") as fh:
                 np.savez_compressed(fh, **arrays)
         qc_figure(arrays, view, out / f"{view}_qc.png")
+        chest_qc_figure(radiographs[view], arrays["chest_landmarks_rows_cols"], view, out / f"{view}_chest.png")
     for view, reason in excluded.items():
         log.warning("targets %s %s left out: %s", patient, view, reason)
     for w in warnings:
@@ -448,6 +461,8 @@ def targets_patient(
         "roi_sites": [str(n) for n in next(iter(targets.values()))["roi_site_names"]],
         "bone_mean_g_cm2": {v: float(t["bone"].mean()) for v, t in targets.items()},
         "roi_max_g_cm2": {v: float(t["roi"].max()) for v, t in targets.items()},
+        "chest_landmarks": {v: int(np.isfinite(t["chest_landmarks_rows_cols"]).all(axis=1).sum())
+                            for v, t in targets.items()},  # of 16 found and on the detector, per view
     }
     write_json(out / "targets.json", summary)
     return summary
@@ -476,6 +491,32 @@ def qc_figure(arrays: dict[str, Any], view: str, path: str | os.PathLike[str]) -
     ax[2].set_title(f"stage-2 target: ROI (max {roi.max():.2f} g/cm²)", fontsize=8)
     for a in ax:
         a.set_axis_off()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+
+
+def chest_qc_figure(image: np.ndarray, points_rows_cols: np.ndarray, view: str, path: str | os.PathLike[str]) -> None:
+    """PNG of the whole radiograph with seed 000's 16 landmarks and its 14 ROI boxes (where found)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bmdpipe.chest_landmarks import roi_boxes
+    from bmdpipe.io.atomic import atomic_path
+
+    fig, ax = plt.subplots(figsize=(4.2, 4.2 * image.shape[0] / image.shape[1]))
+    ax.imshow(image, cmap="gray")
+    ok = np.isfinite(points_rows_cols).all(axis=1)
+    ax.scatter(points_rows_cols[ok, 1], points_rows_cols[ok, 0], s=8, c="red")
+    for box in roi_boxes(points_rows_cols, image.shape).values():
+        if box is not None:
+            r0, r1, c0, c1 = box
+            ax.add_patch(plt.Rectangle((c0, r0), c1 - c0, r1 - r0, fill=False, color="yellow", lw=0.7))
+    ax.set_title(f"{view}: seed 000 landmarks ({int(ok.sum())} of 16) and ROIs", fontsize=8)
+    ax.set_axis_off()
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=80)

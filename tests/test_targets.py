@@ -167,6 +167,39 @@ def test_targets_match_the_simulators_bone_projection(patients, field):
     assert 0.85 < np.mean(l1_ratio) < 1.15  # g/cm² on the right scale (calibration and units)
 
 
+def test_chest_landmarks_project_onto_the_bones_of_each_radiograph(patients):
+    """Seed 000's landmarks from the truth labels, through the true pose: each clavicle and rib-cage point on the
+    detector lands on bone in the simulator's own bone projection of that radiograph; the rib cage's edges lie
+    either side of T12, and C7 (when in the field) above it."""
+    from bmdpipe.chest_landmarks import LANDMARKS
+
+    values, off = [], 0
+    for pid, p in patients.items():
+        regs = {v: true_registration(p["truth"], v) for v in p["radiographs"]}
+        targets, _ = make_targets(p["density"], p["labels"], l1_mask(p["labels"]), regs, p["radiographs"], SETTINGS)
+        for view, t in targets.items():
+            marks = t["chest_landmarks_rows_cols"]
+            assert marks.shape == (16, 2)
+            off += int((~np.isfinite(marks).all(axis=1)).sum())
+            ribcage = [LANDMARKS.index(n) for n in LANDMARKS if n.startswith("ribcage")]
+            assert np.isfinite(marks[ribcage]).all(), (pid, view)  # the rib cage is always in the field
+            drr = p["bone_truth"][f"bone_drr_{view}"]
+            for name, (r, c) in zip(LANDMARKS, marks):
+                if name.startswith(("clavicle", "ribcage")) and np.isfinite(r):
+                    r, c = int(round(r)), int(round(c))
+                    values.append(float(drr[max(r - 1, 0):r + 2, max(c - 1, 0):c + 2].max()))
+            c7, t12 = marks[LANDMARKS.index("C7")], marks[LANDMARKS.index("T12")]
+            left = marks[[LANDMARKS.index(f"ribcage_left_{k}") for k in (1, 2, 3, 4)], 1]
+            right = marks[[LANDMARKS.index(f"ribcage_right_{k}") for k in (1, 2, 3, 4)], 1]
+            assert not c7[0] >= t12[0] and (right < t12[1]).all() and (left > t12[1]).all(), (pid, view)
+    values = np.array(values)
+    print(f"bone projection under the clavicle and rib-cage landmarks on the detector: median {np.median(values):.3f} "
+          f"g/cm², min {values.min():.3f}, {len(values)} points; {off} of {16 * 9} landmarks off the detector")
+    # the virtual radiographs' field is centred low on the chest: the lateral clavicle ends and C7 often fall
+    # outside it (NaN, not clipped to the edge)
+    assert len(values) >= 90 and np.median(values) > 0.4 and values.min() > 0.1
+
+
 def test_targets_stage_excludes_failed_registrations_and_reports_upstream_failures(patients, tmp_path):
     pid, p = next(iter(patients.items()))
     reg_dir, xray_dir, cal_dir, seg_dir, roi_dir, out = (
@@ -193,6 +226,8 @@ def test_targets_stage_excludes_failed_registrations_and_reports_upstream_failur
     assert np.allclose(saved["roi_sites"][0], saved["roi"])
     assert saved["pixel_spacing_mm"][0] > 0 and saved["camera_to_world_ras"].shape == (4, 4)
     assert (out / f"{views[1]}_qc.png").stat().st_size > 1000 and not (out / f"{views[0]}.npz").exists()
+    assert saved["chest_landmarks_rows_cols"].shape == (16, 2) and (out / f"{views[1]}_chest.png").stat().st_size > 1000
+    assert summary["chest_landmarks"][views[1]] == 16
     assert json.loads((out / "targets.json").read_text())["status"] == "ok"
     # the ROI stage failed: stage-1 targets still made, stage-2 empty, the reason kept
     write_json(roi_dir / "abmd.json", {"stage": "roi", "status": "failed", "reason": "no vertebral body"})
