@@ -207,11 +207,11 @@ def train_slice(part=None):
     """The train config a job depends on: the shared keys plus its own part.
 
     part: None (folds), "stage1", "stage2" (stage 1's keys and stage 2's), "bmd", "regression", "baseline",
-    "localiser" (its own keys, the device and seeds: not the GAN's image size or augmentations),
+    "localiser", "chest_landmarks" (its own keys, the device and seeds: not the GAN's image size or augmentations),
     "shared" (what every method shares: sites, image size, device; for jobs that only apply trained models).
     """
     shared = {k: v for k, v in TRAIN.items() if k not in ("enabled", "decomposition", "regression", "baseline",
-                                                          "localiser")}
+                                                          "localiser", "chest_landmarks")}
     dec = TRAIN.get("decomposition", {})
     if part is None:
         return {k: shared[k] for k in ("folds", "fold_seed", "sites", "measures") if k in shared}
@@ -223,9 +223,9 @@ def train_slice(part=None):
         return {**shared, "decomposition": {k: v for k, v in dec.items() if k in _STAGE_KEYS["bmd"]}}
     if part == "stage2":
         return {**shared, "decomposition": {k: v for k, v in dec.items() if k not in _STAGE_KEYS["bmd"]}}
-    if part == "localiser":
+    if part in ("localiser", "chest_landmarks"):
         return {**{k: shared[k] for k in ("folds", "fold_seed", "seed", "device") if k in shared},
-                "localiser": TRAIN.get("localiser", {})}
+                part: TRAIN.get(part, {})}
     return {**shared, part: TRAIN.get(part, {})}
 
 
@@ -310,12 +310,18 @@ def experiment_results():
                          f"results/experiments/{name}/models/regression/fold{fold}")]
 
 
+def chest_landmark_models():
+    """Seed 000's landmark detector per fold, when some patient's supplied labels can teach it."""
+    return expand("results/models/chest_landmarks/fold{fold}", fold=FOLDS) if LABELLED else []
+
+
 def get_report_input(wildcards):
     """What the report reads: the QC table (after every per-patient stage), the sheet, the metrics, the bundle."""
     inputs = {"qc": "results/qc/patients.tsv", "samples": COHORT["samples"]}
     if TRAIN["enabled"]:
         inputs["metrics"] = "results/metrics/bmd.json"
         inputs["model"] = "results/model"
+        inputs["chest_landmarks"] = chest_landmark_models()
     return inputs
 
 
@@ -324,4 +330,5 @@ def get_final_output():
     out = ["results/qc/patients.tsv", "results/report/index.html"]
     if TRAIN["enabled"]:
         out += ["results/metrics/bmd.tsv", "results/model"]  # the bundle of bmdpipe predict
+        out += chest_landmark_models()
     return out

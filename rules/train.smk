@@ -150,6 +150,29 @@ rule train_localiser:
         "../workflow_scripts/train_localiser.py"
 
 
+rule train_chest_landmarks:
+    input:
+        unpack(get_fold_data),
+        xrays=expand("results/xray/{patient}", patient=PATIENTS),
+    output:
+        directory("results/models/chest_landmarks/fold{fold}"),
+    params:
+        settings=train_slice("chest_landmarks"),
+        code_version=train_settings.STAGE_VERSION,
+    log:
+        "results/logs/train_chest_landmarks/fold{fold}.log",
+    benchmark:
+        "results/benchmarks/train_chest_landmarks/fold{fold}.tsv"
+    threads: 2
+    resources:
+        mem_mb=3000,
+        gpu=INFER_GPUS,
+    conda:
+        "../envs/bmdpipe.yaml"
+    script:
+        "../workflow_scripts/train_chest_landmarks.py"
+
+
 rule robustness:
     input:
         unpack(get_fold_data),

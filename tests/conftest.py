@@ -169,7 +169,8 @@ def tiny_virtual_config() -> dict:
     cfg["train"].update(folds=2, image_size=[32, 32], decomposition={**cfg["train"]["decomposition"], **tiny},
                         regression={"frozen_epochs": 1, "tune_epochs": 1, "dims": [8, 16], "heads": [1, 2]},
                         baseline={"model": "resnet10t", "epochs": 1},
-                        localiser={"size": 64, "channels": [8, 16, 32], "epochs": 3})
+                        localiser={"size": 64, "channels": [8, 16, 32], "epochs": 3},
+                        chest_landmarks={"size": 64, "channels": [8, 16, 32], "epochs": 3})
     # config.yaml's pose-subset experiment (pa only) would fit BMD on one or two views per fold here (the
     # fit needs 3); test_workflow runs a two-pose experiment on one fold instead
     cfg["evaluate"]["experiments"] = {**{name: None for name in cfg["evaluate"]["experiments"]},

@@ -44,6 +44,7 @@ def test_report_has_every_section_and_every_exclusion(virtual_run):
     assert "targets from phantomless-calibrated CT (uncalibrated CT)" in page
     assert "<td>decomposition @uncalibrated_ct</td>" not in page  # an experiment is not a row of the main table
     assert "Crop localiser for bmdpipe predict" in page and "centre error mm (median)" in page
+    assert "<h2>Seed 000: chest landmarks</h2>" in page and "seed 000 landmarks and ROIs" in page
     for patient, reason in json.loads((results / "dataset" / "folds.json").read_text())["excluded"].items():
         assert html.escape(reason) in page, patient
     qc = pd.read_csv(results / "qc" / "patients.tsv", sep="\t", keep_default_na=False)

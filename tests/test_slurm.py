@@ -260,7 +260,7 @@ VIRTUAL_JOBS = (
        ("evaluate_bmd", None), ("report", None), ("export_model", None)}
     | {("train_decomposition", f"fold={k}, stage={s}") for k in (0, 1) for s in (1, 2)}
     | {(rule, f"fold={k}") for rule in ("bmd_from_decomposition", "train_regression", "train_baseline",
-                                        "train_localiser", "robustness")
+                                        "train_localiser", "train_chest_landmarks", "robustness")
        for k in (0, 1)}
 )
 

@@ -226,6 +226,19 @@ def test_virtual_cohort_runs_end_to_end(virtual_run):
         assert {"pcc", "icc", "mae", "see", "bias", "loa_lower", "loa_upper"} <= set(entry["columns"]["dxa_L1"]["agreement"])
         assert set(entry["screening"]["vertebra"]) == {"T12", "L1"}, method
     assert not any((work / "results" / "checkpoints").rglob("*.pt"))  # removed once each job finished
+    # seed 000's landmarks: from the supplied label maps (sim001, sim002), none from the U-Net's (sim000)
+    for p, labelled in (("sim000", False), ("sim001", True)):
+        if not labelled and not (work / "results" / "targets" / p / "pa.npz").exists():
+            continue  # the tiny U-Net's patient may have no usable view
+        marks = np.load(work / "results" / "targets" / p / "pa.npz")["chest_landmarks_rows_cols"]
+        assert marks.shape == (16, 2) and np.isfinite(marks).all(axis=1).sum() >= (8 if labelled else 0), p
+        assert labelled or np.isnan(marks).all(), p
+        assert (work / "results" / "targets" / p / "pa_chest.png").exists()
+    for fold in range(cfg["train"]["folds"]):
+        chest = json.loads((work / "results" / "models" / "chest_landmarks" / f"fold{fold}" / "chest_landmarks.json")
+                           .read_text())
+        train = {p for f, ps in folds["folds"].items() if int(f) != fold for p in ps}
+        assert chest["status"] == ("ok" if train & {"sim001", "sim002"} else "skipped"), chest
     sheet = pd.read_csv(work / "resources" / "virtual_cohort" / "samples.tsv", sep="\t")
     assert {"dxa_L1", "qct_L1", "age", "sex"} <= set(sheet.columns)
     assert (work / "resources" / "virtual_cohort" / "truth" / "sim000.json").exists()
@@ -245,8 +258,8 @@ def test_virtual_cohort_reruns_touch_only_what_changed(virtual_run, tmp_path):
     experiments = {"train_decomposition_experiment": 2 * k * e, "bmd_from_decomposition_experiment": k * e,
                    "train_regression_experiment": k * e}
     training = {"folds": 1, "train_decomposition": 2 * k, "bmd_from_decomposition": k, "train_regression": k,
-                "train_baseline": k, "train_localiser": k, "robustness": k, "export_model": 1, "evaluate_bmd": 1,
-                **experiments}
+                "train_baseline": k, "train_localiser": k, "train_chest_landmarks": k, "robustness": k,
+                "export_model": 1, "evaluate_bmd": 1, **experiments}
     # nothing changed, also in a copy of the project elsewhere (the sheet's paths are recorded relative to it)
     assert _plan(cfg, work, tmp_path / "same.yaml") == {}
     copy = tmp_path / "copy"

@@ -16,16 +16,30 @@ import torch
 from monai.networks.nets import UNet
 
 
-def heatmap_unet(n_landmarks: int, channels: Sequence[int] = (16, 32, 64, 128), *, groups: int = 4) -> torch.nn.Module:
+class AddCoords(torch.nn.Module):
+    """CoordConv's input: ``(B, C, H, W)`` → ``(B, C + 2, H, W)`` with row and column ramps in [-1, 1], so that a
+    convolutional network can tell landmarks that look alike apart by where they are."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        rows = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype)[:, None].expand(h, w)
+        cols = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype)[None, :].expand(h, w)
+        return torch.cat([x, torch.stack([rows, cols])[None].expand(b, 2, h, w)], dim=1)
+
+
+def heatmap_unet(n_landmarks: int, channels: Sequence[int] = (16, 32, 64, 128), *, groups: int = 4,
+                 coords: bool = False) -> torch.nn.Module:
     """A 2-D U-Net from ``(B, 1, H, W)`` to ``(B, n_landmarks, H, W)`` heatmaps (GroupNorm, residual units).
 
     The U-Net ends in ``channels[0]`` features and a 1×1 convolution makes the maps (MONAI's last
     residual unit normalises its output, which GroupNorm cannot do for any landmark count).
-    ``H`` and ``W`` must be multiples of ``2 ** (len(channels) - 1)``.
+    ``H`` and ``W`` must be multiples of ``2 ** (len(channels) - 1)``. ``coords`` adds :class:`AddCoords`
+    in front (many landmarks of one kind, such as seed 000's rib-cage points).
     """
-    unet = UNet(spatial_dims=2, in_channels=1, out_channels=channels[0], channels=tuple(channels),
+    unet = UNet(spatial_dims=2, in_channels=3 if coords else 1, out_channels=channels[0], channels=tuple(channels),
                 strides=(2,) * (len(channels) - 1), num_res_units=1, norm=("group", {"num_groups": groups}))
-    return torch.nn.Sequential(unet, torch.nn.PReLU(), torch.nn.Conv2d(channels[0], n_landmarks, kernel_size=1))
+    layers = [AddCoords()] if coords else []
+    return torch.nn.Sequential(*layers, unet, torch.nn.PReLU(), torch.nn.Conv2d(channels[0], n_landmarks, kernel_size=1))
 
 
 def gaussian_heatmaps(points: torch.Tensor, shape: Sequence[int], sigma: float) -> torch.Tensor:

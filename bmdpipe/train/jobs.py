@@ -239,6 +239,42 @@ def localiser_fold_job(*, folds: str, fold: int, targets_root: str, samples: str
     return summary
 
 
+def chest_landmarks_fold_job(*, folds: str, fold: int, targets_root: str, samples: str, settings: dict,
+                             xray_root: str, out: str, checkpoints: str, code_version: str) -> dict:
+    """Rule train_chest_landmarks: seed 000's landmark detector of one fold, trained on its training patients'
+    views that carry CT-derived landmarks (:mod:`bmdpipe.train.chest`).
+
+    Writes ``out/model.pt``, ``metrics.csv``, ``train.json``, ``heldout.tsv`` (per held-out view and landmark:
+    error in mm, confidence) and ``chest_landmarks.json`` (mean and median error, fraction within 5 mm, per
+    landmark). A fold whose training patients have no landmarks writes only ``chest_landmarks.json`` with
+    status ``skipped`` and the reason. ``samples`` is unused (no BMD) but kept for the shared fold-job arguments.
+    """
+    from bmdpipe.train.chest import evaluate_detector, load_landmark_views, summarise_detector, train_detector
+    from bmdpipe.train.settings import work_dir
+
+    parsed = TrainSettings.from_config(settings)
+    det = parsed.chest_landmarks
+    parts = split(json.loads(Path(folds).read_text())["folds"], fold)
+    train = load_landmark_views(parts["train"], targets_root, xray_root, det.size)
+    test = load_landmark_views(parts["test"], targets_root, xray_root, det.size)
+    summary = {"stage": "chest_landmarks", "status": "ok", "fold": fold, "code_version": STAGE_VERSION,
+               "bmdpipe_version": __version__, "n_train_views": len(train),
+               "train_patients": sorted({v.patient for v in train})}
+    if not train:  # reported, not fatal: the other folds and methods go on
+        summary.update(status="skipped", reason="no training patient of this fold has chest landmarks (a supplied "
+                       "label map naming the clavicles, ribs, C7 and T12)", n_views=0, n_points=0)
+        Path(out).mkdir(parents=True, exist_ok=True)
+        write_json(Path(out) / "chest_landmarks.json", summary)
+        return summary
+    work = work_dir(checkpoints, fold, "chest_landmarks", settings, code_version, parts["train"])
+    model = train_detector(train, out, work, det, device=parsed.device, seed=parsed.seed + fold, progress=True)
+    table = evaluate_detector(model, test, fold, device=str(resolve_device(parsed.device)))
+    write_table(table, Path(out) / "heldout.tsv")
+    summary.update(summarise_detector(table))
+    write_json(Path(out) / "chest_landmarks.json", summary)
+    return summary
+
+
 def robustness_fold_job(*, folds: str, fold: int, targets_root: str, samples: str, settings: dict, xray_root: str,
                         field_size: Sequence[int], qualities: Sequence[int], generator: str, bmd_fit: str,
                         regressor: str, baseline: str, localiser: str, out: str) -> pd.DataFrame:

@@ -147,12 +147,13 @@ class TrainSettings:
     regression: RegressionSettings = RegressionSettings()
     baseline: BaselineSettings = BaselineSettings()
     localiser: LocaliserSettings = LocaliserSettings()
+    chest_landmarks: LocaliserSettings = LocaliserSettings()  # seed 000's detector (bmdpipe.train.chest)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> "TrainSettings":
         cfg = dict(cfg or {})
         subs = {"decomposition": DecompositionSettings, "regression": RegressionSettings, "baseline": BaselineSettings,
-                "localiser": LocaliserSettings}
+                "localiser": LocaliserSettings, "chest_landmarks": LocaliserSettings}
         for key, kind in subs.items():
             cfg[key] = kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in (cfg.get(key) or {}).items()})
         for key in ("sites", "measures", "image_size", "views"):

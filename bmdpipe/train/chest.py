@@ -1,0 +1,194 @@
+"""Seed 000's landmark detector (§III-B): the 16 chest landmarks on a whole radiograph, learned from the CT.
+
+Seed 000 trained a graph network on 1000 hand-labelled radiographs. Here the labels come from the CT: the
+targets stage projects the landmarks it finds on the bone labels through each radiograph's registered pose
+(``chest_landmarks_rows_cols`` in ``results/targets/{patient}/{view}.npz``), so only patients whose labels
+name the clavicles, ribs, C7 and T12 (the supplied label maps) teach it; it then finds them on any
+radiograph. The detector is the heatmap U-Net of :mod:`bmdpipe.models.landmarks` (the paper's graph
+network is optional in the issue), on the radiograph letterboxed like the crop localiser's
+(:func:`bmdpipe.train.localise.letterbox`); a landmark that is off the detector trains an empty map.
+
+Held-out figures: per landmark the distance in mm on the radiograph (its pixel pitch) between the
+detected and the CT-derived position, and the heatmap peak as confidence (seed 000's bad-input flag:
+a landmark found with a low peak is not to be cropped at).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from bmdpipe import __version__
+from bmdpipe.chest_landmarks import LANDMARKS
+from bmdpipe.io.atomic import atomic_path, write_json
+from bmdpipe.io.xray import load_xray
+from bmdpipe.models.landmarks import decode_heatmaps, gaussian_heatmaps, heatmap_loss, heatmap_unet
+from bmdpipe.train.data import Augment, augment
+from bmdpipe.train.localise import Letterbox, letterbox
+from bmdpipe.train.loop import TrainConfig, TrainState, fit, seed_everything, setup_device, update
+from bmdpipe.train.settings import STAGE_VERSION, LocaliserSettings
+
+#: Landmarks a labelled view must show on its detector to be used (the rib cage alone is 8).
+MIN_POINTS = 8
+
+
+@dataclass
+class LandmarkView:
+    """One whole radiograph on the detector grid with its landmarks.
+
+    Attributes:
+        image: ``(size, size)`` letterboxed radiograph.
+        points: ``(K, 2)`` landmarks on the grid, pixels; NaN where off the detector.
+        truth: ``(K, 2)`` the same on the radiograph, pixels.
+        spacing_mm: radiograph ``(row, col)`` pixel pitch, mm.
+    """
+
+    patient: str
+    view: str
+    image: np.ndarray
+    points: np.ndarray
+    truth: np.ndarray
+    shape: tuple[int, int]
+    spacing_mm: tuple[float, float]
+    letterbox: Letterbox
+
+
+def load_landmark_views(patients: Sequence[str], targets_root: str | os.PathLike[str],
+                        xray_root: str | os.PathLike[str], size: int,
+                        min_points: int = MIN_POINTS) -> list[LandmarkView]:
+    """The views of ``patients`` whose targets hold at least ``min_points`` landmarks on the detector."""
+    out = []
+    for p in patients:
+        summary = json.loads((Path(targets_root) / p / "targets.json").read_text())
+        for view in summary.get("views", []) if summary.get("status") == "ok" else []:
+            with np.load(Path(targets_root) / p / f"{view}.npz") as z:
+                if "chest_landmarks_rows_cols" not in z.files:
+                    continue
+                truth = z["chest_landmarks_rows_cols"].astype(np.float64)
+            if np.isfinite(truth).all(axis=1).sum() < min_points:
+                continue
+            image, spacing = load_xray(Path(xray_root) / p / f"{view}.nii.gz")
+            grid, lb = letterbox(image, size)
+            out.append(LandmarkView(p, view, grid, lb.to_grid(truth), truth, image.shape, spacing, lb))
+    return out
+
+
+class LandmarkDataset(Dataset):
+    """``(image (1, S, S), heatmaps (K, S, S))`` of a list of :class:`LandmarkView` (NaN points: empty maps)."""
+
+    def __init__(self, views: Sequence[LandmarkView], sigma: float) -> None:
+        self.views = list(views)
+        self.sigma = sigma
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        v = self.views[i]
+        maps = gaussian_heatmaps(torch.as_tensor(v.points)[None], v.image.shape, self.sigma)[0]
+        return torch.from_numpy(v.image)[None], maps
+
+
+def build_detector(arch: dict) -> torch.nn.Module:
+    """The heatmap U-Net with coordinate channels: the 16 points come in look-alike groups (rib edges, clavicle
+    points) that only their place on the chest tells apart."""
+    return heatmap_unet(len(arch["names"]), arch["channels"], coords=True)
+
+
+def load_detector(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    payload = torch.load(path, map_location=device, weights_only=False)
+    model = build_detector(payload["arch"])
+    model.load_state_dict(payload["state_dict"])
+    return model.to(device).eval(), payload
+
+
+def train_detector(views: Sequence[LandmarkView], out_dir: str | os.PathLike[str], work: str | os.PathLike[str],
+                   settings: LocaliserSettings, *, names: Sequence[str] = LANDMARKS, device: str = "auto",
+                   seed: int = 0, progress: bool = False) -> Path:
+    """Train the heatmap detector on ``views``; writes ``out_dir/model.pt``, ``metrics.csv`` and ``train.json``.
+
+    Raises:
+        ValueError: no view has landmarks (no patient's labels name the chest bones).
+    """
+    if not views:
+        raise ValueError("no training radiograph has chest landmarks: the detector learns them from patients whose "
+                         "bone labels name the clavicles, ribs, C7 and T12 (a supplied label map, ct_labels in the "
+                         "samples sheet)")
+    seed_everything(seed)
+    dev = setup_device(device)
+    arch = {"channels": list(settings.channels), "size": settings.size, "sigma_px": settings.sigma_px,
+            "names": list(names)}
+    model = build_detector(arch).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=settings.restart_epochs)
+    state = TrainState({"model": model}, {"model": opt}, {"model": sched}, device=dev)
+    aug = Augment.from_config({**settings.augment, "hflip": False})  # a flip would swap left and right
+
+    def train_step(state: TrainState, batch) -> dict[str, float]:
+        x, maps = batch[0].to(dev), batch[1].to(dev)
+        x, (maps,) = augment(x, [maps], aug)
+        loss = heatmap_loss(model(x).float(), maps, settings.foreground_weight)
+        update(loss, opt, state.scaler)
+        return {"loss": loss.item()}
+
+    start = time.perf_counter()
+    cfg = TrainConfig(epochs=settings.epochs, batch_size=settings.batch_size, seed=seed, amp=False)
+    fit(state, LandmarkDataset(views, settings.sigma_px), train_step, cfg, work, progress=progress)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "model.pt") as tmp:
+        torch.save({"arch": arch, "state_dict": model.state_dict(), "code_version": STAGE_VERSION,
+                    "bmdpipe_version": __version__}, tmp)
+    shutil.copyfile(Path(work) / "metrics.csv", out / "metrics.csv")
+    write_json(out / "train.json", {
+        "stage": "chest_landmarks", "status": "ok", "code_version": STAGE_VERSION, "bmdpipe_version": __version__,
+        "views": len(views), "patients": sorted({v.patient for v in views}), "seconds": time.perf_counter() - start,
+        "device": str(dev), "final": state.history[-1] if state.history else {}})
+    shutil.rmtree(work, ignore_errors=True)
+    return out / "model.pt"
+
+
+@torch.no_grad()
+def detect(model: torch.nn.Module, grid: np.ndarray, lb: Letterbox) -> tuple[np.ndarray, np.ndarray]:
+    """``(points (K, 2) radiograph pixels, confidence (K,) heatmap peaks 0–1)`` on one letterboxed radiograph."""
+    x = torch.from_numpy(grid)[None, None].to(next(model.parameters()).device)
+    points, confidence = decode_heatmaps(model(x).float().cpu())
+    return lb.from_grid(points[0].numpy()), confidence[0].numpy()
+
+
+def evaluate_detector(model_path: str | os.PathLike[str], views: Sequence[LandmarkView], fold: int,
+                      device: str = "cpu") -> pd.DataFrame:
+    """Per held-out view and landmark on its detector: error in mm (radiograph pitch) and confidence."""
+    model, payload = load_detector(model_path, device)
+    names = payload["arch"]["names"]
+    rows = []
+    for v in views:
+        found, confidence = detect(model, v.image, v.letterbox)
+        for k, name in enumerate(names):
+            if not np.isfinite(v.truth[k]).all():
+                continue
+            dy, dx = (found[k] - v.truth[k]) * np.asarray(v.spacing_mm)
+            rows.append({"patient_id": v.patient, "view": v.view, "fold": fold, "landmark": name,
+                         "error_mm": float(np.hypot(dy, dx)), "confidence": float(confidence[k])})
+    return pd.DataFrame(rows, columns=["patient_id", "view", "fold", "landmark", "error_mm", "confidence"])
+
+
+def summarise_detector(table: pd.DataFrame, within_mm: float = 5.0) -> dict:
+    """Mean and median error (mm), the fraction within ``within_mm``, the mean error per landmark, confidence."""
+    if table.empty:
+        return {"n_views": 0, "n_points": 0}
+    return {"n_views": int(table.groupby(["patient_id", "view"]).ngroups), "n_points": int(len(table)),
+            "error_mm_mean": float(table.error_mm.mean()), "error_mm_median": float(table.error_mm.median()),
+            f"within_{within_mm:g}_mm": float((table.error_mm <= within_mm).mean()),
+            "confidence_median": float(table.confidence.median()),
+            "error_mm_mean_per_landmark": {k: float(g.error_mm.mean()) for k, g in table.groupby("landmark", sort=False)}}
