@@ -26,16 +26,13 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset
-
 from bmdpipe import __version__
 from bmdpipe.chest_landmarks import LANDMARKS
 from bmdpipe.io.atomic import atomic_path, write_json
 from bmdpipe.io.xray import load_xray
-from bmdpipe.models.landmarks import decode_heatmaps, gaussian_heatmaps, heatmap_loss, heatmap_unet
-from bmdpipe.train.data import Augment, augment
-from bmdpipe.train.localise import Letterbox, letterbox
-from bmdpipe.train.loop import TrainConfig, TrainState, fit, seed_everything, setup_device, update
+from bmdpipe.models.landmarks import decode_heatmaps, heatmap_unet
+from bmdpipe.train.localise import Letterbox, LocaliserDataset, fit_heatmaps, letterbox
+from bmdpipe.train.loop import seed_everything, setup_device
 from bmdpipe.train.settings import STAGE_VERSION, LocaliserSettings
 
 #: Landmarks a labelled view must show on its detector to be used (the rib cage alone is 8).
@@ -83,22 +80,6 @@ def load_landmark_views(patients: Sequence[str], targets_root: str | os.PathLike
     return out
 
 
-class LandmarkDataset(Dataset):
-    """``(image (1, S, S), heatmaps (K, S, S))`` of a list of :class:`LandmarkView` (NaN points: empty maps)."""
-
-    def __init__(self, views: Sequence[LandmarkView], sigma: float) -> None:
-        self.views = list(views)
-        self.sigma = sigma
-
-    def __len__(self) -> int:
-        return len(self.views)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        v = self.views[i]
-        maps = gaussian_heatmaps(torch.as_tensor(v.points)[None], v.image.shape, self.sigma)[0]
-        return torch.from_numpy(v.image)[None], maps
-
-
 def build_detector(arch: dict) -> torch.nn.Module:
     """The heatmap U-Net with coordinate channels: the 16 points come in look-alike groups (rib edges, clavicle
     points) that only their place on the chest tells apart."""
@@ -129,21 +110,10 @@ def train_detector(views: Sequence[LandmarkView], out_dir: str | os.PathLike[str
     arch = {"channels": list(settings.channels), "size": settings.size, "sigma_px": settings.sigma_px,
             "names": list(names)}
     model = build_detector(arch).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=settings.restart_epochs)
-    state = TrainState({"model": model}, {"model": opt}, {"model": sched}, device=dev)
-    aug = Augment.from_config({**settings.augment, "hflip": False})  # a flip would swap left and right
-
-    def train_step(state: TrainState, batch) -> dict[str, float]:
-        x, maps = batch[0].to(dev), batch[1].to(dev)
-        x, (maps,) = augment(x, [maps], aug)
-        loss = heatmap_loss(model(x).float(), maps, settings.foreground_weight)
-        update(loss, opt, state.scaler)
-        return {"loss": loss.item()}
-
     start = time.perf_counter()
-    cfg = TrainConfig(epochs=settings.epochs, batch_size=settings.batch_size, seed=seed, amp=False)
-    fit(state, LandmarkDataset(views, settings.sigma_px), train_step, cfg, work, progress=progress)
+    state = fit_heatmaps(model, LocaliserDataset(views, settings.sigma_px), settings, work,
+                         augment_config={**settings.augment, "hflip": False},  # a flip would swap left and right
+                         seed=seed, progress=progress)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "model.pt") as tmp:

@@ -142,7 +142,8 @@ def load_localiser_views(patients: Sequence[str], targets_root: str | os.PathLik
 
 
 class LocaliserDataset(Dataset):
-    """``(image (1, S, S), heatmaps (2, S, S))`` of a list of :class:`LocaliserView`."""
+    """``(image (1, S, S), heatmaps (K, S, S))`` of a list of :class:`LocaliserView` (K = 2) or of any views with
+    ``image`` and grid ``points`` (seed 000's :class:`bmdpipe.train.chest.LandmarkView`; NaN points: empty maps)."""
 
     def __init__(self, views: Sequence[LocaliserView], sigma: float) -> None:
         self.views = list(views)
@@ -193,21 +194,9 @@ def train_localiser(views: Sequence[LocaliserView], out_dir: str | os.PathLike[s
     arch = {"channels": list(settings.channels), "size": settings.size, "sigma_px": settings.sigma_px,
             "aspect_rows_per_col": aspect}
     model = build_localiser(arch).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=settings.restart_epochs)
-    state = TrainState({"model": model}, {"model": opt}, {"model": sched}, device=dev)
-    aug = Augment.from_config(settings.augment)
-
-    def train_step(state: TrainState, batch) -> dict[str, float]:
-        x, maps = batch[0].to(dev), batch[1].to(dev)
-        x, (maps,) = augment(x, [maps], aug)
-        loss = heatmap_loss(model(x).float(), maps, settings.foreground_weight)
-        update(loss, opt, state.scaler)
-        return {"loss": loss.item()}
-
     start = time.perf_counter()
-    cfg = TrainConfig(epochs=settings.epochs, batch_size=settings.batch_size, seed=seed, amp=False)
-    fit(state, LocaliserDataset(views, settings.sigma_px), train_step, cfg, work, progress=progress)
+    state = fit_heatmaps(model, LocaliserDataset(views, settings.sigma_px), settings, work,
+                         augment_config=settings.augment, seed=seed, progress=progress)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fractions = [(v.box[1] - v.box[0]) / v.shape[0] for v in views]
@@ -220,6 +209,29 @@ def train_localiser(views: Sequence[LocaliserView], out_dir: str | os.PathLike[s
         "device": str(dev), "final": state.history[-1] if state.history else {}})
     shutil.rmtree(work, ignore_errors=True)
     return out / "model.pt"
+
+
+def fit_heatmaps(model: torch.nn.Module, dataset: Dataset, settings: LocaliserSettings, work: str | os.PathLike[str],
+                 *, augment_config: dict, seed: int, progress: bool = False) -> TrainState:
+    """The heatmap detectors' training (the crop localiser's and seed 000's landmark detector's): AdamW with
+    cosine warm restarts on :func:`~bmdpipe.models.landmarks.heatmap_loss`, image and maps augmented together,
+    checkpoints in ``work`` (resumed after a kill). ``model`` is on its device already."""
+    dev = next(model.parameters()).device
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=settings.restart_epochs)
+    state = TrainState({"model": model}, {"model": opt}, {"model": sched}, device=dev)
+    aug = Augment.from_config(augment_config)
+
+    def train_step(state: TrainState, batch) -> dict[str, float]:
+        x, maps = batch[0].to(dev), batch[1].to(dev)
+        x, (maps,) = augment(x, [maps], aug)
+        loss = heatmap_loss(model(x).float(), maps, settings.foreground_weight)
+        update(loss, opt, state.scaler)
+        return {"loss": loss.item()}
+
+    cfg = TrainConfig(epochs=settings.epochs, batch_size=settings.batch_size, seed=seed, amp=False)
+    fit(state, dataset, train_step, cfg, work, progress=progress)
+    return state
 
 
 def locate(models: Sequence[tuple[torch.nn.Module, dict]], image: np.ndarray) -> dict:
