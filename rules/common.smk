@@ -229,12 +229,22 @@ def train_slice(part=None):
     return {**shared, part: TRAIN.get(part, {})}
 
 
+def run_root(wildcards):
+    """Where a training job's models live: ``results`` for the main run, ``results/experiments/{name}`` for a
+    training experiment's jobs (rules/experiments.smk)."""
+    experiment = getattr(wildcards, "experiment", None)
+    return f"results/experiments/{experiment}" if experiment else "results"
+
+
 def get_fold_data(wildcards):
-    """The folds file, the samples sheet and every patient's targets (a fold's patients are read from the folds file)."""
+    """The folds file, the samples sheet and every patient's targets (a fold's patients are read from the folds
+    file); a training experiment that changes the calibration has targets of its own."""
+    experiment = getattr(wildcards, "experiment", None)
+    own = experiment and EXPERIMENTS[experiment].get("calibration")
     return {
         "folds": "results/dataset/folds.json",
         "samples": COHORT["samples"],
-        "targets": expand("results/targets/{patient}", patient=PATIENTS),
+        "targets": [f"{run_root(wildcards) if own else 'results'}/targets/{p}" for p in PATIENTS],
     }
 
 
@@ -242,8 +252,14 @@ def get_decomposition_input(wildcards):
     """Fold data, plus stage 1's generator for stage 2 (unless stage 2 trains from scratch)."""
     inputs = get_fold_data(wildcards)
     if wildcards.stage == "2" and not TRAIN["decomposition"].get("stage2_from_scratch", False):
-        inputs["init"] = f"results/models/decomposition/fold{wildcards.fold}/stage1"
+        inputs["init"] = f"{run_root(wildcards)}/models/decomposition/fold{wildcards.fold}/stage1"
     return inputs
+
+
+def get_model_input(wildcards):
+    """Fold data and the stage-2 generator (BMD fit, stage 3)."""
+    return {**get_fold_data(wildcards),
+            "generator": f"{run_root(wildcards)}/models/decomposition/fold{wildcards.fold}/stage2"}
 
 
 #: Training experiments (seed 004 §4.2.3, §4.2.5): name → {views, calibration}; null entries left out.
@@ -275,32 +291,6 @@ def experiment_slice(wildcards, part):
     settings = train_slice(part)
     views = EXPERIMENTS[wildcards.experiment].get("views")
     return {**settings, "views": views} if views else settings
-
-
-def experiment_root(wildcards):
-    return f"results/experiments/{wildcards.experiment}"
-
-
-def get_experiment_fold_data(wildcards):
-    """:func:`get_fold_data` with the experiment's own targets when it changes the calibration."""
-    inputs = get_fold_data(wildcards)
-    if EXPERIMENTS[wildcards.experiment].get("calibration"):
-        inputs["targets"] = [f"{experiment_root(wildcards)}/targets/{p}" for p in PATIENTS]
-    return inputs
-
-
-def get_experiment_decomposition_input(wildcards):
-    """The experiment's fold data, plus its own stage 1 for stage 2 (unless stage 2 trains from scratch)."""
-    inputs = get_experiment_fold_data(wildcards)
-    if wildcards.stage == "2" and not TRAIN["decomposition"].get("stage2_from_scratch", False):
-        inputs["init"] = f"{experiment_root(wildcards)}/models/decomposition/fold{wildcards.fold}/stage1"
-    return inputs
-
-
-def get_experiment_model_input(wildcards):
-    """The experiment's fold data and its stage-2 generator (BMD fit, stage 3)."""
-    return {**get_experiment_fold_data(wildcards),
-            "generator": f"{experiment_root(wildcards)}/models/decomposition/fold{wildcards.fold}/stage2"}
 
 
 def experiment_results():

@@ -51,12 +51,12 @@ use rule targets as targets_experiment with:
 
 use rule train_decomposition as train_decomposition_experiment with:
     input:
-        unpack(get_experiment_decomposition_input),
+        unpack(get_decomposition_input),
     output:
         directory("results/experiments/{experiment}/models/decomposition/fold{fold}/stage{stage}"),
     params:
         settings=lambda wildcards: experiment_slice(wildcards, f"stage{wildcards.stage}"),
-        checkpoints=lambda wildcards: f"{experiment_root(wildcards)}/checkpoints/decomposition",
+        checkpoints=lambda wildcards: f"{run_root(wildcards)}/checkpoints/decomposition",
         code_version=train_settings.STAGE_VERSION,
     log:
         "results/logs/experiments/{experiment}/train_decomposition/fold{fold}_stage{stage}.log",
@@ -66,7 +66,7 @@ use rule train_decomposition as train_decomposition_experiment with:
 
 use rule bmd_from_decomposition as bmd_from_decomposition_experiment with:
     input:
-        unpack(get_experiment_model_input),
+        unpack(get_model_input),
     output:
         directory("results/experiments/{experiment}/models/decomposition/fold{fold}/bmd"),
     params:
@@ -81,13 +81,13 @@ use rule bmd_from_decomposition as bmd_from_decomposition_experiment with:
 
 use rule train_regression as train_regression_experiment with:
     input:
-        unpack(get_experiment_model_input),
+        unpack(get_model_input),
     output:
         directory("results/experiments/{experiment}/models/regression/fold{fold}"),
     params:
         settings=lambda wildcards: experiment_slice(wildcards, "regression"),
         method=lambda wildcards: f"decomposition+regression @{wildcards.experiment}",
-        checkpoints=lambda wildcards: f"{experiment_root(wildcards)}/checkpoints/train_regression",
+        checkpoints=lambda wildcards: f"{run_root(wildcards)}/checkpoints/train_regression",
         code_version=train_settings.STAGE_VERSION,
     log:
         "results/logs/experiments/{experiment}/train_regression/fold{fold}.log",

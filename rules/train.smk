@@ -55,8 +55,7 @@ rule train_decomposition:
 
 rule bmd_from_decomposition:
     input:
-        unpack(get_fold_data),
-        generator="results/models/decomposition/fold{fold}/stage2",
+        unpack(get_model_input),
     output:
         directory("results/models/decomposition/fold{fold}/bmd"),
     params:
@@ -79,8 +78,7 @@ rule bmd_from_decomposition:
 
 rule train_regression:
     input:
-        unpack(get_fold_data),
-        generator="results/models/decomposition/fold{fold}/stage2",
+        unpack(get_model_input),
     output:
         directory("results/models/regression/fold{fold}"),
     params:

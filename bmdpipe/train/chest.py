@@ -15,10 +15,7 @@ a landmark found with a low peak is not to be cropped at).
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -26,14 +23,11 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch
-from bmdpipe import __version__
 from bmdpipe.chest_landmarks import LANDMARKS
-from bmdpipe.io.atomic import atomic_path, write_json
-from bmdpipe.io.xray import load_xray
 from bmdpipe.models.landmarks import decode_heatmaps, heatmap_unet
-from bmdpipe.train.localise import Letterbox, LocaliserDataset, fit_heatmaps, letterbox
+from bmdpipe.train.localise import Letterbox, fit_heatmaps, registered_views
 from bmdpipe.train.loop import seed_everything, setup_device
-from bmdpipe.train.settings import STAGE_VERSION, LocaliserSettings
+from bmdpipe.train.settings import LocaliserSettings
 
 #: Landmarks a labelled view must show on its detector to be used (the rib cage alone is 8).
 MIN_POINTS = 8
@@ -64,20 +58,10 @@ def load_landmark_views(patients: Sequence[str], targets_root: str | os.PathLike
                         xray_root: str | os.PathLike[str], size: int,
                         min_points: int = MIN_POINTS) -> list[LandmarkView]:
     """The views of ``patients`` whose targets hold at least ``min_points`` landmarks on the detector."""
-    out = []
-    for p in patients:
-        summary = json.loads((Path(targets_root) / p / "targets.json").read_text())
-        for view in summary.get("views", []) if summary.get("status") == "ok" else []:
-            with np.load(Path(targets_root) / p / f"{view}.npz") as z:
-                if "chest_landmarks_rows_cols" not in z.files:
-                    continue
-                truth = z["chest_landmarks_rows_cols"].astype(np.float64)
-            if np.isfinite(truth).all(axis=1).sum() < min_points:
-                continue
-            image, spacing = load_xray(Path(xray_root) / p / f"{view}.nii.gz")
-            grid, lb = letterbox(image, size)
-            out.append(LandmarkView(p, view, grid, lb.to_grid(truth), truth, image.shape, spacing, lb))
-    return out
+    return [LandmarkView(p, view, grid, lb.to_grid(truth), truth, shape, spacing, lb)
+            for p, view, truth, shape, spacing, grid, lb in registered_views(
+                patients, targets_root, xray_root, size, "chest_landmarks_rows_cols",
+                keep=lambda a: np.isfinite(a).all(axis=1).sum() >= min_points)]
 
 
 def build_detector(arch: dict) -> torch.nn.Module:
@@ -110,22 +94,9 @@ def train_detector(views: Sequence[LandmarkView], out_dir: str | os.PathLike[str
     arch = {"channels": list(settings.channels), "size": settings.size, "sigma_px": settings.sigma_px,
             "names": list(names)}
     model = build_detector(arch).to(dev)
-    start = time.perf_counter()
-    state = fit_heatmaps(model, LocaliserDataset(views, settings.sigma_px), settings, work,
-                         augment_config={**settings.augment, "hflip": False},  # a flip would swap left and right
-                         seed=seed, progress=progress)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "model.pt") as tmp:
-        torch.save({"arch": arch, "state_dict": model.state_dict(), "code_version": STAGE_VERSION,
-                    "bmdpipe_version": __version__}, tmp)
-    shutil.copyfile(Path(work) / "metrics.csv", out / "metrics.csv")
-    write_json(out / "train.json", {
-        "stage": "chest_landmarks", "status": "ok", "code_version": STAGE_VERSION, "bmdpipe_version": __version__,
-        "views": len(views), "patients": sorted({v.patient for v in views}), "seconds": time.perf_counter() - start,
-        "device": str(dev), "final": state.history[-1] if state.history else {}})
-    shutil.rmtree(work, ignore_errors=True)
-    return out / "model.pt"
+    return fit_heatmaps(model, arch, views, settings, out_dir, work, stage="chest_landmarks",
+                        augment_config={**settings.augment, "hflip": False},  # a flip would swap left and right
+                        seed=seed, progress=progress)
 
 
 @torch.no_grad()

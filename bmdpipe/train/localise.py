@@ -19,7 +19,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -126,19 +126,32 @@ class LocaliserView:
     letterbox: Letterbox
 
 
-def load_localiser_views(patients: Sequence[str], targets_root: str | os.PathLike[str],
-                         xray_root: str | os.PathLike[str], size: int) -> list[LocaliserView]:
-    """The registered views of ``patients``: ``results/xray/{patient}/{view}.nii.gz`` and the box in ``targets``."""
-    out = []
+def registered_views(patients: Sequence[str], targets_root: str | os.PathLike[str],
+                     xray_root: str | os.PathLike[str], size: int, key: str,
+                     keep: Callable[[np.ndarray], bool] = lambda a: True) -> Iterator[tuple]:
+    """Every view the targets stage made for ``patients``, whole: ``(patient, view, array key of its targets
+    .npz (float64), radiograph shape, pixel pitch (mm), letterboxed grid, Letterbox)``; views whose array
+    ``keep`` rejects (or that lack it) are skipped before their radiograph is read."""
     for p in patients:
         summary = json.loads((Path(targets_root) / p / "targets.json").read_text())
         for view in summary.get("views", []) if summary.get("status") == "ok" else []:
             with np.load(Path(targets_root) / p / f"{view}.npz") as z:
-                box = z["crop_box_rows_cols"].astype(np.float64)
+                if key not in z.files:
+                    continue
+                array = z[key].astype(np.float64)
+            if not keep(array):
+                continue
             image, spacing = load_xray(Path(xray_root) / p / f"{view}.nii.gz")
             grid, lb = letterbox(image, size)
-            out.append(LocaliserView(p, view, grid, lb.to_grid(box_points(box)), box, image.shape, spacing, lb))
-    return out
+            yield p, view, array, image.shape, spacing, grid, lb
+
+
+def load_localiser_views(patients: Sequence[str], targets_root: str | os.PathLike[str],
+                         xray_root: str | os.PathLike[str], size: int) -> list[LocaliserView]:
+    """The registered views of ``patients``: ``results/xray/{patient}/{view}.nii.gz`` and the box in ``targets``."""
+    return [LocaliserView(p, view, grid, lb.to_grid(box_points(box)), box, shape, spacing, lb)
+            for p, view, box, shape, spacing, grid, lb in registered_views(patients, targets_root, xray_root, size,
+                                                                         "crop_box_rows_cols")]
 
 
 class LocaliserDataset(Dataset):
@@ -166,6 +179,7 @@ def build_localiser(arch: dict) -> torch.nn.Module:
 
 
 def save_localiser(model: torch.nn.Module, arch: dict, path: str | os.PathLike[str], **extra) -> None:
+    """``{"arch", "state_dict", **extra}`` of any heatmap detector, written atomically."""
     with atomic_path(path) as tmp:
         torch.save({"arch": arch, "state_dict": model.state_dict(), **extra}, tmp)
 
@@ -194,28 +208,26 @@ def train_localiser(views: Sequence[LocaliserView], out_dir: str | os.PathLike[s
     arch = {"channels": list(settings.channels), "size": settings.size, "sigma_px": settings.sigma_px,
             "aspect_rows_per_col": aspect}
     model = build_localiser(arch).to(dev)
-    start = time.perf_counter()
-    state = fit_heatmaps(model, LocaliserDataset(views, settings.sigma_px), settings, work,
-                         augment_config=settings.augment, seed=seed, progress=progress)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     fractions = [(v.box[1] - v.box[0]) / v.shape[0] for v in views]
-    save_localiser(model, arch, out / "model.pt", code_version=STAGE_VERSION, bmdpipe_version=__version__,
-                   height_fraction_range=[float(min(fractions)), float(max(fractions))])
-    shutil.copyfile(Path(work) / "metrics.csv", out / "metrics.csv")
-    write_json(out / "train.json", {
-        "stage": "localiser", "status": "ok", "code_version": STAGE_VERSION, "bmdpipe_version": __version__,
-        "views": len(views), "patients": sorted({v.patient for v in views}), "seconds": time.perf_counter() - start,
-        "device": str(dev), "final": state.history[-1] if state.history else {}})
-    shutil.rmtree(work, ignore_errors=True)
-    return out / "model.pt"
+    return fit_heatmaps(model, arch, views, settings, out_dir, work, stage="localiser",
+                        augment_config=settings.augment, seed=seed, progress=progress,
+                        height_fraction_range=[float(min(fractions)), float(max(fractions))])
 
 
-def fit_heatmaps(model: torch.nn.Module, dataset: Dataset, settings: LocaliserSettings, work: str | os.PathLike[str],
-                 *, augment_config: dict, seed: int, progress: bool = False) -> TrainState:
-    """The heatmap detectors' training (the crop localiser's and seed 000's landmark detector's): AdamW with
-    cosine warm restarts on :func:`~bmdpipe.models.landmarks.heatmap_loss`, image and maps augmented together,
-    checkpoints in ``work`` (resumed after a kill). ``model`` is on its device already."""
+def fit_heatmaps(model: torch.nn.Module, arch: dict, views: Sequence, settings: LocaliserSettings,
+                 out_dir: str | os.PathLike[str], work: str | os.PathLike[str], *, stage: str, augment_config: dict,
+                 seed: int, progress: bool = False, **extra) -> Path:
+    """A heatmap detector's whole training run (the crop localiser's and seed 000's landmark detector's).
+
+    AdamW with cosine warm restarts on :func:`~bmdpipe.models.landmarks.heatmap_loss` over
+    :class:`LocaliserDataset` of ``views``, image and maps augmented together, checkpoints in ``work``
+    (resumed after a kill, removed at the end). Writes ``out_dir/model.pt`` (``arch``, weights and ``extra``),
+    ``metrics.csv`` and ``train.json`` (``stage``). ``model`` is on its device already.
+
+    Returns:
+        The path of ``model.pt``.
+    """
+    start = time.perf_counter()
     dev = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=settings.restart_epochs)
@@ -230,8 +242,17 @@ def fit_heatmaps(model: torch.nn.Module, dataset: Dataset, settings: LocaliserSe
         return {"loss": loss.item()}
 
     cfg = TrainConfig(epochs=settings.epochs, batch_size=settings.batch_size, seed=seed, amp=False)
-    fit(state, dataset, train_step, cfg, work, progress=progress)
-    return state
+    fit(state, LocaliserDataset(views, settings.sigma_px), train_step, cfg, work, progress=progress)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_localiser(model, arch, out / "model.pt", code_version=STAGE_VERSION, bmdpipe_version=__version__, **extra)
+    shutil.copyfile(Path(work) / "metrics.csv", out / "metrics.csv")
+    write_json(out / "train.json", {
+        "stage": stage, "status": "ok", "code_version": STAGE_VERSION, "bmdpipe_version": __version__,
+        "views": len(views), "patients": sorted({v.patient for v in views}), "seconds": time.perf_counter() - start,
+        "device": str(dev), "final": state.history[-1] if state.history else {}})
+    shutil.rmtree(work, ignore_errors=True)
+    return out / "model.pt"
 
 
 def locate(models: Sequence[tuple[torch.nn.Module, dict]], image: np.ndarray) -> dict:
