@@ -198,9 +198,10 @@ def test_per_patient_steps_share_slurm_jobs(slurm_run):
     submitted = re.findall(r"has been submitted with SLURM jobid (\d+) \(log: (\S+)\)", out)
     assert len(submitted) == 4, _tail(out)
     profile = yaml.safe_load((PROFILE / "config.yaml").read_text())
-    assert set(profile["groups"]) == set(PER_PATIENT)
+    # an experiment's own calibration, ROI and targets join group per_patient; this cohort runs no experiment
+    assert set(profile["groups"]) == set(PER_PATIENT) | {f"{rule}_experiment" for rule in ("calibrate", "roi", "targets")}
     for name in ("prepare", "per_patient"):
-        rules = [rule for rule, group in profile["groups"].items() if group == name]
+        rules = [rule for rule, group in profile["groups"].items() if group == name and rule in PER_PATIENT]
         (job,) = [job for job, log in submitted if f"/group_{name}" in log]
         log = next(slurm_run["work"].glob(f".snakemake/slurm_logs/group_{name}*/{job}.log"))
         assert _jobs_in_slurm_log(log.read_text()) == {(r, p) for r in rules for p in ("p01", "p02", "p03")}
