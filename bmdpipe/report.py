@@ -12,6 +12,7 @@ Sections, each present when the run produced its inputs:
    the training experiments (pose subset, uncalibrated CT) as robustness, scatter and Bland–Altman plots, decomposition examples (radiograph | predicted | target).
 5. The crop localiser of ``bmdpipe predict``: held-out field errors per fold.
 6. Seed 000's chest landmark detector: held-out landmark errors per fold.
+7. Seed 000's five models: its Tables I–III beside seed 004's methods on the same held-out patients.
 
 :func:`build_report` reads only a finished ``results/`` folder; nothing here trains or predicts.
 """
@@ -427,6 +428,79 @@ def chest_landmarks_section(results: Path) -> str:
                                                  "confidence (median)", "note"])))
 
 
+#: Seed 000's models (bmdpipe.models.multiroi.VARIANTS) and seed 004's methods they are compared with.
+SEED000_METHODS = ("Base", "MultiPatch", "AttMultiPatch", "MultiROI", "AttMultiROI")
+COMPARED_METHODS = ("decomposition", "decomposition+regression", "baseline")
+
+
+def chest_bmd_section(results: Path) -> str:
+    """Seed 000's models: Table I (R, RMSE, AUC per vertebra and their average, every variant beside seed 004's
+    methods on the same held-out patients), Tables II and III (sensitivity and specificity at the unified
+    T-score thresholds and Flex, per vertebra and per patient), and what each fold trained or skipped."""
+    figures = _read_json(results / "metrics" / "bmd.json") or {"methods": {}}
+    methods = figures["methods"]
+    ours = [m for m in SEED000_METHODS if m in methods]
+    folds = [d for d in (_read_json(p) for p in sorted((results / "models" / "chest_bmd").glob("fold*/chest_bmd.json")))
+             if d]
+    if not ours and not folds:
+        return ""
+    parts = ["<p class=note>Seed 000's models (Wang et al.): Base on the whole image; MultiPatch and AttMultiPatch "
+             "on its 3 × 3 patches; MultiROI and AttMultiROI on the 14 ROIs cut at the fold's detected landmarks plus "
+             "the whole image; the Att- variants fuse the VGG16 features with a transformer encoder and a BMD token. "
+             "Same folds and held-out patients as seed 004's methods, listed below them for comparison.</p>"]
+    compared = [*ours, *(m for m in COMPARED_METHODS if m in methods)]
+    sites = list(dict.fromkeys(c.split("_", 1)[1] for m in compared for c in methods[m]["columns"]
+                               if c.startswith("dxa_")))
+    rows = []
+    for m in compared:
+        row, rs, errs, aucs = [m], [], [], []
+        for site in sites:
+            a = methods[m]["columns"].get(f"dxa_{site}", {}).get("agreement", {})
+            v = ((methods[m].get("screening") or {}).get("vertebra") or {}).get(site, {})
+            r, e, auc = (a.get("pcc") or {}).get("value"), (a.get("rmse") or {}).get("value"), v.get("auc_osteoporosis")
+            row += [r, e, auc]
+            rs, errs, aucs = rs + [r], errs + [e], aucs + [auc]
+        for values in (rs, errs, aucs):
+            finite = [x for x in values if x is not None and np.isfinite(x)]
+            row.append(float(np.mean(finite)) if finite else None)
+        rows.append(row)
+    if rows and sites:
+        header = ["method"] + [f"{site} {k}" for site in sites for k in ("R", "RMSE", "AUC")] + ["mean R", "mean RMSE",
+                                                                                                "mean AUC"]
+        parts.append("<h3>Seed 000 Table I: vertebra-level R, RMSE (g/cm²) and osteoporosis AUC</h3>"
+                     + _table(pd.DataFrame(rows, columns=header)))
+    screen_rows = []
+    for m in compared:
+        s = methods[m].get("screening")
+        if not s:
+            continue
+        labels = [k for k in s["patient"]]
+        for site, v in [*s["vertebra"].items(), ("patient (any)", s["patient"])]:
+            screen_rows.append([m, site, *(f"{v[k]['sensitivity']:.2f} / {v[k]['specificity']:.2f}"
+                                           if v.get(k) and v[k].get("sensitivity") is not None
+                                           and v[k].get("specificity") is not None else "–" for k in labels)])
+    if screen_rows:
+        parts.append("<h3>Seed 000 Tables II and III: sensitivity / specificity at T-score thresholds (per vertebra; "
+                     "per patient: positive when any vertebra is)</h3>"
+                     + _table(pd.DataFrame(screen_rows, columns=["method", "vertebra",
+                                                                 *(f"T ≤ {k}" if k != "flex" else "Flex"
+                                                                   for k in labels)])))
+    fold_rows = []
+    for d in folds:
+        for v in d.get("variants", []):
+            fold_rows.append([d["fold"], v["variant"], d["n_train_views"], d["n_test_views"], v["models"],
+                              v["seconds"], ""])
+        for variant, why in (d.get("skipped") or {}).items():
+            fold_rows.append([d["fold"], variant, d["n_train_views"], d["n_test_views"], 0, None, why])
+    if fold_rows:
+        flagged = sum(d.get("landmarks_flagged", 0) for d in folds)
+        parts.append(f"<h3>Training per fold</h3><p class=note>{flagged} radiograph(s) of these folds had a landmark "
+                     "found with low confidence (landmarks.tsv): their ROIs may be cut at the wrong place.</p>"
+                     + _table(pd.DataFrame(fold_rows, columns=["fold", "variant", "training views", "held-out views",
+                                                               "models", "seconds", "skipped because"]), "{:.1f}"))
+    return "".join(parts)
+
+
 def build_report(results: str | Path, samples: pd.DataFrame, out: str | Path, *, title: str = "bmdpipe report",
                  max_qc_patients: int = 4) -> Path:
     """Write the self-contained report page for a finished ``results/`` folder to ``out`` (atomically).
@@ -448,6 +522,7 @@ def build_report(results: str | Path, samples: pd.DataFrame, out: str | Path, *,
         ("Results", results_section(results)),
         ("Crop localiser for bmdpipe predict", localiser_section(results)),
         ("Seed 000: chest landmarks", chest_landmarks_section(results)),
+        ("Seed 000: BMD from chest radiographs", chest_bmd_section(results)),
     )
     body = "".join(f"<h2>{name}</h2>{content}" for name, content in sections if content)
     page = (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"

@@ -207,11 +207,12 @@ def train_slice(part=None):
     """The train config a job depends on: the shared keys plus its own part.
 
     part: None (folds), "stage1", "stage2" (stage 1's keys and stage 2's), "bmd", "regression", "baseline",
-    "localiser", "chest_landmarks" (its own keys, the device and seeds: not the GAN's image size or augmentations),
+    "localiser", "chest_landmarks", "chest_bmd" (its own keys, the device and seeds, and for chest_bmd the pose
+    subset: not the GAN's image size or augmentations),
     "shared" (what every method shares: sites, image size, device; for jobs that only apply trained models).
     """
     shared = {k: v for k, v in TRAIN.items() if k not in ("enabled", "decomposition", "regression", "baseline",
-                                                          "localiser", "chest_landmarks")}
+                                                          "localiser", "chest_landmarks", "chest_bmd")}
     dec = TRAIN.get("decomposition", {})
     if part is None:
         return {k: shared[k] for k in ("folds", "fold_seed", "sites", "measures") if k in shared}
@@ -223,9 +224,9 @@ def train_slice(part=None):
         return {**shared, "decomposition": {k: v for k, v in dec.items() if k in _STAGE_KEYS["bmd"]}}
     if part == "stage2":
         return {**shared, "decomposition": {k: v for k, v in dec.items() if k not in _STAGE_KEYS["bmd"]}}
-    if part in ("localiser", "chest_landmarks"):
-        return {**{k: shared[k] for k in ("folds", "fold_seed", "seed", "device") if k in shared},
-                part: TRAIN.get(part, {})}
+    if part in ("localiser", "chest_landmarks", "chest_bmd"):
+        own = ("folds", "fold_seed", "seed", "device", "views") if part == "chest_bmd" else ("folds", "fold_seed", "seed", "device")
+        return {**{k: shared[k] for k in own if k in shared}, part: TRAIN.get(part, {})}
     return {**shared, part: TRAIN.get(part, {})}
 
 
@@ -305,6 +306,19 @@ def chest_landmark_models():
     return expand("results/models/chest_landmarks/fold{fold}", fold=FOLDS) if LABELLED else []
 
 
+def chest_bmd_models():
+    """Seed 000's models per fold, when train.chest_bmd.variants names any."""
+    return expand("results/models/chest_bmd/fold{fold}", fold=FOLDS) if TRAIN.get("chest_bmd", {}).get("variants") else []
+
+
+def get_chest_bmd_input(wildcards):
+    """A fold's data, the whole radiographs, and the fold's landmark detector when one is trained (its ROIs)."""
+    inputs = {**get_fold_data(wildcards), "xrays": expand("results/xray/{patient}", patient=PATIENTS)}
+    if LABELLED:
+        inputs["detector"] = f"results/models/chest_landmarks/fold{wildcards.fold}"
+    return inputs
+
+
 def get_report_input(wildcards):
     """What the report reads: the QC table (after every per-patient stage), the sheet, the metrics, the bundle."""
     inputs = {"qc": "results/qc/patients.tsv", "samples": COHORT["samples"]}
@@ -312,6 +326,7 @@ def get_report_input(wildcards):
         inputs["metrics"] = "results/metrics/bmd.json"
         inputs["model"] = "results/model"
         inputs["chest_landmarks"] = chest_landmark_models()
+        inputs["chest_bmd"] = chest_bmd_models()
     return inputs
 
 

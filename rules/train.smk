@@ -1,6 +1,7 @@
 # Training (seed 004): patient-level folds, then per fold the hierarchical
 # decomposition GAN (stage 1, stage 2), BMD from the decomposed image, stage-3
-# regression and the conventional baseline; the metrics pool the held-out folds.
+# regression and the conventional baseline; seed 000's landmark detector and its
+# five models on the same folds; the metrics pool the held-out folds.
 # Each rule's params carry its config slice and the code version, so a changed
 # setting re-trains only what depends on it. Killed training resumes from the
 # checkpoints under results/checkpoints/. With train.processes > 1 the GAN,
@@ -171,6 +172,28 @@ rule train_chest_landmarks:
         "../workflow_scripts/train_chest_landmarks.py"
 
 
+rule train_chest_bmd:
+    input:
+        unpack(get_chest_bmd_input),
+    output:
+        directory("results/models/chest_bmd/fold{fold}"),
+    params:
+        settings=train_slice("chest_bmd"),
+        code_version=train_settings.STAGE_VERSION,
+    log:
+        "results/logs/train_chest_bmd/fold{fold}.log",
+    benchmark:
+        "results/benchmarks/train_chest_bmd/fold{fold}.tsv"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        gpu=INFER_GPUS,
+    conda:
+        "../envs/bmdpipe.yaml"
+    script:
+        "../workflow_scripts/train_chest_bmd.py"
+
+
 rule robustness:
     input:
         unpack(get_fold_data),
@@ -207,6 +230,7 @@ rule evaluate_bmd:
         baseline=expand("results/models/baseline/fold{fold}", fold=FOLDS),
         robustness=expand("results/models/robustness/fold{fold}", fold=FOLDS),
         experiments=experiment_results(),
+        chest_bmd=chest_bmd_models(),
         samples=COHORT["samples"],
     output:
         metrics=report("results/metrics/bmd.tsv", caption="../report/bmd.rst", category="Results"),

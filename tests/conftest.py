@@ -170,7 +170,9 @@ def tiny_virtual_config() -> dict:
                         regression={"frozen_epochs": 1, "tune_epochs": 1, "dims": [8, 16], "heads": [1, 2]},
                         baseline={"model": "resnet10t", "epochs": 1},
                         localiser={"size": 64, "channels": [8, 16, 32], "epochs": 3},
-                        chest_landmarks={"size": 64, "channels": [8, 16, 32], "epochs": 3})
+                        chest_landmarks={"size": 64, "channels": [8, 16, 32], "epochs": 3},
+                        chest_bmd={**cfg["train"].get("chest_bmd", {}), "input_size": 32, "width": 0.0625, "hidden": 16,
+                                   "layers": 1, "feedforward": 32, "epochs": 1})
     # config.yaml's pose-subset experiment (pa only) would fit BMD on one or two views per fold here (the
     # fit needs 3); test_workflow runs a two-pose experiment on one fold instead
     cfg["evaluate"]["experiments"] = {**{name: None for name in cfg["evaluate"]["experiments"]},

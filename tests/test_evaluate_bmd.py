@@ -48,6 +48,7 @@ def test_agreement_matches_direct_computation_and_cis_bracket_it(table):
             a = col["agreement"]
             assert a["pcc"]["value"] == pytest.approx(stats.pearsonr(g.truth, g.pred)[0], abs=1e-12)
             assert a["mae"]["value"] == pytest.approx(np.abs(g.pred - g.truth).mean(), abs=1e-12)
+            assert a["rmse"]["value"] == pytest.approx(np.sqrt(((g.pred - g.truth) ** 2).mean()), abs=1e-12)
             assert a["bias"]["value"] == pytest.approx((g.pred - g.truth).mean(), abs=1e-12)
             for name, v in a.items():
                 lo, hi = v["ci95"]

@@ -7,7 +7,7 @@ import pandas as pd
 import pingouin
 import pytest
 from scipy import stats
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import mean_squared_error, roc_auc_score
 
 from bmdpipe.evaluate import metrics as m
 
@@ -34,6 +34,8 @@ def test_pcc_and_icc_match_scipy_and_pingouin(pairs):
 def test_mae_see_and_bland_altman(pairs):
     truth, estimate = pairs
     assert m.mae(truth, estimate) == pytest.approx(np.mean(np.abs(estimate - truth)), abs=1e-12)
+    assert m.rmse(truth, estimate) == pytest.approx(np.sqrt(mean_squared_error(truth, estimate)), abs=1e-12)
+    assert m.rmse(truth, estimate) > m.mae(truth, estimate)
     fit = stats.linregress(estimate, truth)
     resid = truth - (fit.intercept + fit.slope * estimate)
     assert m.see(truth, estimate) == pytest.approx(np.sqrt((resid**2).sum() / (len(truth) - 2)), abs=1e-6)

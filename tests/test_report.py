@@ -45,6 +45,9 @@ def test_report_has_every_section_and_every_exclusion(virtual_run):
     assert "<td>decomposition @uncalibrated_ct</td>" not in page  # an experiment is not a row of the main table
     assert "Crop localiser for bmdpipe predict" in page and "centre error mm (median)" in page
     assert "<h2>Seed 000: chest landmarks</h2>" in page and "seed 000 landmarks and ROIs" in page
+    # seed 000's models beside seed 004's methods (Table I), screening at its thresholds (Tables II and III)
+    assert "<h2>Seed 000: BMD from chest radiographs</h2>" in page and "Seed 000 Table I" in page
+    assert "Seed 000 Tables II and III" in page and "<th>T ≤ -1.75</th>" in page and "<td>AttMultiPatch</td>" in page
     for patient, reason in json.loads((results / "dataset" / "folds.json").read_text())["excluded"].items():
         assert html.escape(reason) in page, patient
     qc = pd.read_csv(results / "qc" / "patients.tsv", sep="\t", keep_default_na=False)

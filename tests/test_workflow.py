@@ -198,19 +198,26 @@ def test_virtual_cohort_runs_end_to_end(virtual_run):
     assert used == sorted({"sim000", "sim001", "sim002"} - set(folds["excluded"])) and len(used) >= 2, folds
     assert folds["columns"] == ["dxa_T12", "dxa_L1", "qct_L1"]
     metrics = pd.read_csv(work / "results" / "metrics" / "bmd.tsv", sep="\t")
+    # seed 000's models: the ROI ones only in folds whose landmark detector trained (a labelled training patient)
+    detector = {fold: json.loads((work / "results" / "models" / "chest_landmarks" / f"fold{fold}" /
+                                  "chest_landmarks.json").read_text())["status"] == "ok"
+                for fold in range(cfg["train"]["folds"])}
+    seed000 = {"Base", "MultiPatch", "AttMultiPatch"} | ({"MultiROI", "AttMultiROI"} if any(detector.values()) else set())
     learned = ("decomposition", "decomposition+regression", "baseline")
     variants = {f"{m} @JPEG{q}" for m in learned for q in (100, 50, 10)} | {f"{m} @localiser" for m in learned}
     # the training experiment: the decomposition chain again, on targets from phantomless-calibrated CT
     experiments = {name for name, spec in cfg["evaluate"]["experiments"].items() if spec}
     assert experiments == {"uncalibrated_ct"}  # pa_only: test_pose_subset_experiment...
     tagged = {f"{m} @{e}" for m in ("ceiling", "decomposition", "decomposition+regression") for e in experiments}
-    assert set(metrics.method) == {"ceiling", *learned} | variants | tagged  # variants: test_predict, test_report
+    assert set(metrics.method) == {"ceiling", *learned} | variants | tagged | seed000  # variants: test_predict, test_report
 
-    def made(targets):
-        return sum(len(json.loads((targets / p / "targets.json").read_text())["views"]) for p in used)
+    def made(targets, patients=used):
+        return sum(len(json.loads((targets / p / "targets.json").read_text())["views"]) for p in patients)
 
     uncalibrated = work / "results" / "experiments" / "uncalibrated_ct"
+    with_detector = [p for fold, ok in detector.items() if ok for p in folds["folds"][str(fold)]]
     views_made = metrics.method.map(lambda m: made(uncalibrated / "targets") if m.endswith("@uncalibrated_ct")
+                                    else made(work / "results" / "targets", with_detector) if "ROI" in m
                                     else made(work / "results" / "targets"))
     assert (metrics.n_views == views_made).all(), metrics  # every experiment is scored on every held-out pose
     for p in used:
@@ -241,6 +248,11 @@ def test_virtual_cohort_runs_end_to_end(virtual_run):
                            .read_text())
         train = {p for f, ps in folds["folds"].items() if int(f) != fold for p in ps}
         assert chest["status"] == ("ok" if train & {"sim001", "sim002"} else "skipped"), chest
+        models = json.loads((work / "results" / "models" / "chest_bmd" / f"fold{fold}" / "chest_bmd.json").read_text())
+        trained = {v["variant"] for v in models["variants"]}
+        assert trained == seed000 - ({"MultiROI", "AttMultiROI"} if not detector[fold] else set()), models
+        assert set(models["skipped"]) == ({"MultiROI", "AttMultiROI"} if not detector[fold] else set()), models
+        assert all((work / "results" / "models" / "chest_bmd" / f"fold{fold}" / v / "model.pt").exists() for v in trained)
     sheet = pd.read_csv(work / "resources" / "virtual_cohort" / "samples.tsv", sep="\t")
     assert {"dxa_L1", "qct_L1", "age", "sex"} <= set(sheet.columns)
     assert (work / "resources" / "virtual_cohort" / "truth" / "sim000.json").exists()
@@ -260,7 +272,7 @@ def test_virtual_cohort_reruns_touch_only_what_changed(virtual_run, tmp_path):
     experiments = {"train_decomposition_experiment": 2 * k * e, "bmd_from_decomposition_experiment": k * e,
                    "train_regression_experiment": k * e}
     training = {"folds": 1, "train_decomposition": 2 * k, "bmd_from_decomposition": k, "train_regression": k,
-                "train_baseline": k, "train_localiser": k, "train_chest_landmarks": k, "robustness": k,
+                "train_baseline": k, "train_localiser": k, "train_chest_landmarks": k, "train_chest_bmd": k, "robustness": k,
                 "export_model": 1, "evaluate_bmd": 1, **experiments}
     # nothing changed, also in a copy of the project elsewhere (the sheet's paths are recorded relative to it)
     assert _plan(cfg, work, tmp_path / "same.yaml") == {}

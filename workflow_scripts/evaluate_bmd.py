@@ -4,7 +4,8 @@ bmd.tsv: per method and BMD column, PCC, ICC(2,1), MAE, SEE, bias and RMS-CV acr
 (seed 004 Table 2's layout). bmd.json: every figure with patient-level bootstrap 95 % CIs, per pose, and
 T-score screening (AUCs, sensitivity and specificity at seed 000's thresholds, per site and per patient),
 also for the JPEG re-compressed radiographs (methods "{method} @JPEG{q}", with mean file sizes in jpeg_file_kb)
-and the training experiments (methods "{method} @{experiment}", their settings in "experiments").
+the training experiments (methods "{method} @{experiment}", their settings in "experiments") and seed 000's
+models (methods Base, MultiPatch, AttMultiPatch, MultiROI, AttMultiROI).
 """
 
 import _common  # noqa: F401  (puts bmdpipe on sys.path)
@@ -23,7 +24,7 @@ from bmdpipe.workflow import log, setup_logging
 sm = snakemake  # noqa: F821  (injected by Snakemake)
 setup_logging(sm.log[0])
 folders = [*sm.input.decomposition, *sm.input.regression, *sm.input.baseline, *sm.input.robustness,
-           *sm.input.experiments]
+           *sm.input.experiments, *sm.input.chest_bmd]
 predictions = pd.concat([pd.read_csv(Path(d) / "predictions.tsv", sep="\t") for d in folders], ignore_index=True)
 sheet = load_samples(sm.input.samples, check_paths=False)
 sexes = dict(sheet.drop_duplicates("patient_id").set_index("patient_id")["sex"]) if "sex" in sheet else {}

@@ -11,7 +11,8 @@ from bmdpipe import tscore
 from bmdpipe.evaluate import metrics
 
 #: Row order of the results table; other methods follow in name order.
-METHOD_ORDER = ["ceiling", "decomposition", "decomposition+regression", "baseline"]
+METHOD_ORDER = ["ceiling", "decomposition", "decomposition+regression", "baseline",
+                "Base", "MultiPatch", "AttMultiPatch", "MultiROI", "AttMultiROI"]  # the last five: seed 000's
 #: Columns of bmd.tsv taken from each column's agreement figures.
 TABLE_FIGURES = ("pcc", "icc", "mae", "see", "bias")
 
@@ -55,6 +56,7 @@ AGREEMENT = {
     "pcc": metrics.pcc,
     "icc": metrics.icc,
     "mae": metrics.mae,
+    "rmse": metrics.rmse,
     "see": metrics.see,
     "bias": lambda y, x: metrics.bland_altman(y, x)["bias"],
     "loa_lower": lambda y, x: metrics.bland_altman(y, x)["loa_lower"],

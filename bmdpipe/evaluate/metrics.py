@@ -62,6 +62,12 @@ def mae(reference, estimate) -> float:
     return float(np.abs(x - y).mean())
 
 
+def rmse(reference, estimate) -> float:
+    """Root-mean-square error (seed 000 Table I's RMSE)."""
+    y, x = _pair(reference, estimate)
+    return float(np.sqrt(((x - y) ** 2).mean()))
+
+
 def see(reference, estimate) -> float:
     """Standard error of the estimate of ``reference`` regressed on ``estimate``."""
     y, x = _pair(reference, estimate)

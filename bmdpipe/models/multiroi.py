@@ -17,6 +17,11 @@ Where the paper is inconsistent: it states D = 512 (the VGG16 width) and
 k = 6 heads, but 512 is not divisible by 6; ``heads = 8`` is used (64 per
 head). Its Eq. 4 averages the adjusted embeddings, including the BMD token,
 which is what :meth:`MultiInput.forward` does.
+
+``width`` scales every VGG16 layer's channels (1 = torchvision's 64…512, D = 512); the demo uses a
+narrow VGG16 (same 13 convolutions and 5 poolings) so that the five variants train on 2 CPU cores.
+:data:`VARIANTS` names the five models and their inputs; :func:`build_chest_model` builds one from its
+description.
 """
 
 from __future__ import annotations
@@ -27,16 +32,32 @@ import torch.nn.functional as F
 
 VGG_WIDTH = 512
 
+#: Seed 000's five models: name → (inputs: ``whole`` image, 3×3 ``patches`` or 14 ``rois`` + the whole image,
+#: number of inputs, attentive fusion).
+VARIANTS = {
+    "Base": ("whole", 1, False),
+    "MultiPatch": ("patches", 9, False),
+    "AttMultiPatch": ("patches", 9, True),
+    "MultiROI": ("rois", 15, False),
+    "AttMultiROI": ("rois", 15, True),
+}
 
-def vgg16_features(in_channels: int = 1) -> nn.Module:
-    """torchvision's VGG16 convolutional part, no pretrained weights, first layer for ``in_channels``.
+
+def feature_width(width: float = 1.0) -> int:
+    """Channels of the last VGG16 block (D): ``512 × width``."""
+    return max(1, int(round(VGG_WIDTH * width)))
+
+
+def vgg16_features(in_channels: int = 1, width: float = 1.0, batch_norm: bool = False) -> nn.Module:
+    """torchvision's VGG16 convolutional part (configuration D), no pretrained weights, first layer for
+    ``in_channels``, every layer's channels × ``width``; ``batch_norm`` as torchvision's ``vgg16_bn``.
 
     Shapes:
-        ``(B, in_channels, S, S)`` → ``(B, 512)`` after global average pooling.
+        ``(B, in_channels, S, S)`` → ``(B, D)`` after global average pooling, D = :func:`feature_width`.
     """
-    from torchvision.models import vgg16
+    from torchvision.models.vgg import cfgs, make_layers
 
-    features = vgg16(weights=None).features
+    features = make_layers([v if v == "M" else max(1, int(round(v * width))) for v in cfgs["D"]], batch_norm=batch_norm)
     first = features[0]
     features[0] = nn.Conv2d(in_channels, first.out_channels, first.kernel_size, first.stride, first.padding)
     return nn.Sequential(features, nn.AdaptiveAvgPool2d(1), nn.Flatten())
@@ -48,15 +69,15 @@ def regressor(in_features: int, n_outputs: int, hidden: int = 256) -> nn.Module:
 
 
 class BaseModel(nn.Module):
-    """Whole image → BMD. Shapes: ``(B, 1, S, S)`` → ``(B, K)``."""
+    """Whole image → BMD. Shapes: ``(B, 1, S, S)`` (or ``(B, 1, 1, S, S)``) → ``(B, K)``."""
 
-    def __init__(self, n_outputs: int = 1) -> None:
+    def __init__(self, n_outputs: int = 1, *, width: float = 1.0, hidden: int = 256, batch_norm: bool = False) -> None:
         super().__init__()
-        self.features = vgg16_features()
-        self.regressor = regressor(VGG_WIDTH, n_outputs)
+        self.features = vgg16_features(width=width, batch_norm=batch_norm)
+        self.regressor = regressor(feature_width(width), n_outputs, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.regressor(self.features(x))
+        return self.regressor(self.features(x.flatten(1, 2) if x.dim() == 5 else x))
 
 
 class MultiInput(nn.Module):
@@ -70,24 +91,25 @@ class MultiInput(nn.Module):
     """
 
     def __init__(self, n_inputs: int, n_outputs: int = 1, *, attentive: bool, layers: int = 6, heads: int = 8,
-                 feedforward: int = 256) -> None:
+                 feedforward: int = 256, width: float = 1.0, hidden: int = 256, batch_norm: bool = False) -> None:
         super().__init__()
         self.attentive = attentive
-        self.features = vgg16_features()
+        self.dim = d = feature_width(width)
+        self.features = vgg16_features(width=width, batch_norm=batch_norm)
         if attentive:
-            self.bmd_token = nn.Parameter(torch.zeros(1, 1, VGG_WIDTH))
-            self.pos_embed = nn.Parameter(torch.randn(1, n_inputs + 1, VGG_WIDTH) * 0.02)
-            layer = nn.TransformerEncoderLayer(VGG_WIDTH, heads, dim_feedforward=feedforward, activation="gelu",
+            self.bmd_token = nn.Parameter(torch.zeros(1, 1, d))
+            self.pos_embed = nn.Parameter(torch.randn(1, n_inputs + 1, d) * 0.02)
+            layer = nn.TransformerEncoderLayer(d, heads, dim_feedforward=feedforward, activation="gelu",
                                                batch_first=True, norm_first=True)
             self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-            self.regressor = regressor(VGG_WIDTH, n_outputs)
-            self.local_regressors = nn.ModuleList(regressor(VGG_WIDTH, n_outputs) for _ in range(n_inputs))
+            self.regressor = regressor(d, n_outputs, hidden)
+            self.local_regressors = nn.ModuleList(regressor(d, n_outputs, hidden) for _ in range(n_inputs))
         else:
-            self.regressor = regressor(VGG_WIDTH * n_inputs, n_outputs)
+            self.regressor = regressor(d * n_inputs, n_outputs, hidden)
 
     def forward(self, crops: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         b, n = crops.shape[:2]
-        f = self.features(crops.flatten(0, 1)).view(b, n, VGG_WIDTH)
+        f = self.features(crops.flatten(0, 1)).view(b, n, self.dim)
         if not self.attentive:
             return self.regressor(f.flatten(1))
         z = torch.cat([self.bmd_token.expand(b, -1, -1), f], dim=1) + self.pos_embed
@@ -108,7 +130,28 @@ def split_patches(image: torch.Tensor, n: int = 3, size: int | None = None) -> t
     return patches.view(b, n * n, c, *patches.shape[-2:])
 
 
-def multiroi_loss(global_pred: torch.Tensor, local_pred: torch.Tensor, target: torch.Tensor,
-                  local_weight: float = 1.0) -> torch.Tensor:
-    """L2 on the global prediction plus the mean L2 of the local ones (seed 000 §III-D; training only)."""
-    return F.mse_loss(global_pred, target) + local_weight * F.mse_loss(local_pred, target[:, None].expand_as(local_pred))
+def multiroi_loss(global_pred: torch.Tensor, local_pred: torch.Tensor | None, target: torch.Tensor,
+                  local_weight: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """L2 on the global prediction plus the mean L2 of the local ones (seed 000 §III-D; training only).
+
+    Shapes: ``global_pred`` and ``target`` ``(B, K)``, ``local_pred`` ``(B, N, K)`` (None: the plain models);
+    ``mask`` ``(B, K)`` weighs each label (0 where the sheet has none; None: all 1).
+    """
+    mask = torch.ones_like(target) if mask is None else mask
+    denom = mask.sum().clamp_min(1.0)
+    loss = ((global_pred - target) ** 2 * mask).sum() / denom
+    if local_pred is not None:
+        loss = loss + local_weight * ((local_pred - target[:, None]) ** 2 * mask[:, None]).sum() / (
+            denom * local_pred.shape[1])
+    return loss
+
+
+def build_chest_model(arch: dict) -> nn.Module:
+    """One of :data:`VARIANTS` from ``{"variant", "n_outputs", "width", "hidden", "batch_norm", "layers", "heads",
+    "feedforward"}`` (the last three for the attentive ones)."""
+    kind, n_inputs, attentive = VARIANTS[arch["variant"]]
+    common = {"width": arch["width"], "hidden": arch["hidden"], "batch_norm": arch.get("batch_norm", False)}
+    if kind == "whole":
+        return BaseModel(arch["n_outputs"], **common)
+    extra = {k: arch[k] for k in ("layers", "heads", "feedforward")} if attentive else {}
+    return MultiInput(n_inputs, arch["n_outputs"], attentive=attentive, **common, **extra)

@@ -6,7 +6,9 @@ Layout (ARCHITECTURE.md):
 * ``models/decomposition/fold{k}/stage{1,2}/``: generators (:func:`decomposition_job`);
 * ``models/decomposition/fold{k}/bmd/``: ``bmd_fit.json`` and held-out predictions (:func:`bmd_fit_job`);
 * ``models/regression/fold{k}/``, ``models/baseline/fold{k}/``: regressors and held-out predictions
-  (:func:`regression_job`).
+  (:func:`regression_job`);
+* ``models/chest_bmd/fold{k}/``: seed 000's five models and their held-out predictions
+  (:func:`chest_bmd_fold_job`).
 
 Every ``predictions.tsv`` is long: one row per held-out view and BMD column with
 ``patient_id, view, fold, method, column, truth, pred``.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -272,6 +275,82 @@ def chest_landmarks_fold_job(*, folds: str, fold: int, targets_root: str, sample
     write_table(table, Path(out) / "heldout.tsv")
     summary.update(summarise_detector(table))
     write_json(Path(out) / "chest_landmarks.json", summary)
+    return summary
+
+
+def chest_bmd_fold_job(*, folds: str, fold: int, targets_root: str, samples: str, settings: dict, xray_root: str,
+                       out: str, checkpoints: str, code_version: str, detector: str | None = None) -> dict:
+    """Rule train_chest_bmd: seed 000's models (:mod:`bmdpipe.train.chest_bmd`) of one fold.
+
+    ``detector`` is the fold's landmark detector folder (rule train_chest_landmarks); without its ``model.pt``
+    (no labelled patient, or the fold's detector was skipped) the ROI models are skipped and say why.
+
+    Writes under ``out``: ``{variant}/model.pt`` (``model_{column}.pt`` per column with ``per_vertebra``) and
+    their ``*_metrics.csv``; ``predictions.tsv`` (held-out, methods named as the variants); ``landmarks.tsv``
+    (per view the detector's confidence and the low-confidence flag); ``chest_bmd.json`` (per variant: inputs,
+    models, seconds, final loss; skipped variants with the reason).
+    """
+    from bmdpipe.models.multiroi import VARIANTS
+    from bmdpipe.train.chest_bmd import (
+        KINDS,
+        landmark_table,
+        load_chest_model,
+        load_chest_views,
+        predict_chest,
+        summary_row,
+        train_chest_model,
+    )
+    from bmdpipe.train.settings import work_dir
+
+    parsed = TrainSettings.from_config(settings)
+    cb = parsed.chest_bmd
+    info = json.loads(Path(folds).read_text())
+    parts, columns = split(info["folds"], fold), list(info["columns"])
+    labels = bmd_labels(load_samples(samples, check_paths=False), columns)
+    model_pt = Path(detector) / "model.pt" if detector else None
+    variants, skipped = [], {}
+    for variant in cb.variants:
+        if VARIANTS[variant][0] == "rois" and (model_pt is None or not model_pt.exists()):
+            skipped[variant] = ("no landmark detector for this fold (it learns from patients whose supplied label "
+                                "maps name the clavicles, ribs, C7 and T12)")
+        else:
+            variants.append(variant)
+    kinds = [k for k in KINDS if any(VARIANTS[v][0] == k for v in variants)]
+    device = str(resolve_device(parsed.device))
+    uses_detector = "rois" in kinds
+    load = dict(targets_root=targets_root, xray_root=xray_root, labels=labels, size=cb.input_size, kinds=kinds,
+                detector=model_pt if uses_detector else None, device=device)
+    train = [v for v in load_chest_views(parts["train"], **load) if parsed.views is None or v.view in parsed.views]
+    test = load_chest_views(parts["test"], **load)
+    groups = [[k] for k in range(len(columns))] if cb.per_vertebra else [list(range(len(columns)))]
+    root = Path(out)
+    tables, rows = [], []
+    for variant in variants:
+        trained, pred = [], np.full((len(test), len(columns)), np.nan)
+        for idx in groups:
+            usable = [v for v in train if np.isfinite(v.bmd[idx]).any()]
+            if not usable:
+                continue
+            path = root / variant / ("model.pt" if not cb.per_vertebra else f"model_{columns[idx[0]]}.pt")
+            work = work_dir(checkpoints, fold, variant, idx, settings, code_version, parts["train"])
+            trained.append(train_chest_model(usable, variant, columns, idx, path, work, cb, device=device,
+                                             seed=parsed.seed + fold, progress=True))
+            shutil.rmtree(work, ignore_errors=True)
+            if test:
+                model, payload = load_chest_model(path, device)
+                pred[:, idx] = predict_chest(model, payload, test)
+        tables.append(prediction_rows(test, fold, variant, columns, pred))
+        rows.append(summary_row(variant, VARIANTS[variant][0], trained))
+    root.mkdir(parents=True, exist_ok=True)
+    write_table(pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=PREDICTION_COLUMNS),
+                root / "predictions.tsv")
+    landmarks = landmark_table([*train, *test], fold, cb.min_landmark_confidence)
+    write_table(landmarks, root / "landmarks.tsv")
+    summary = {"stage": "chest_bmd", "status": "ok", "fold": fold, "code_version": STAGE_VERSION,
+               "bmdpipe_version": __version__, "columns": columns, "n_train_views": len(train),
+               "n_test_views": len(test), "input_size": cb.input_size, "per_vertebra": cb.per_vertebra,
+               "variants": rows, "skipped": skipped, "landmarks_flagged": int(landmarks.flagged.sum())}
+    write_json(root / "chest_bmd.json", summary)
     return summary
 
 

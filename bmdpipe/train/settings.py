@@ -113,6 +113,47 @@ class LocaliserSettings:
 
 
 @dataclass(frozen=True)
+class ChestBmdSettings:
+    """Seed 000's five models (:mod:`bmdpipe.train.chest_bmd`), trained on the shared folds.
+
+    Attributes:
+        variants: which of :data:`bmdpipe.models.multiroi.VARIANTS` to train.
+        input_size: side of every input (whole image, patch, ROI), pixels (seed 000: 256).
+        width: VGG16 channel multiplier (1: torchvision's 64…512).
+        hidden: width of the two-layer regressors.
+        batch_norm: VGG16 with batch normalisation (torchvision's ``vgg16_bn``): trains from scratch in few epochs.
+        layers, heads, feedforward: the attentive models' transformer encoder (seed 000: 6 layers).
+        local_weight: weight of the local regressors' L2 in the loss (training only).
+        per_vertebra: one model per BMD column, as seed 000 (one per vertebra); False: one model with a
+            head per column.
+        epochs, batch_size, lr, weight_decay, restart_epochs: AdamW with cosine warm restarts (seed 000 used SGD
+            at 1e-4 for 100 epochs, too slow to converge at demo size).
+        augment: :class:`bmdpipe.train.data.Augment` keys, applied to each input.
+        min_landmark_confidence: a radiograph whose lowest landmark heatmap peak is below this is flagged in
+            ``landmarks.tsv`` (its ROIs may be cut at the wrong place).
+    """
+
+    variants: tuple[str, ...] = ("Base", "MultiPatch", "AttMultiPatch", "MultiROI", "AttMultiROI")
+    input_size: int = 32
+    width: float = 0.125
+    hidden: int = 64
+    batch_norm: bool = True
+    layers: int = 6
+    heads: int = 8
+    feedforward: int = 128
+    local_weight: float = 1.0
+    per_vertebra: bool = False
+    epochs: int = 30
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 4e-4
+    restart_epochs: int = 30
+    augment: dict[str, Any] = field(default_factory=lambda: {
+        "rotate_deg": 5, "scale": 0.1, "translate": 0.05, "brightness": 0.2, "contrast": 0.2, "hflip": True})
+    min_landmark_confidence: float = 0.4
+
+
+@dataclass(frozen=True)
 class TrainSettings:
     """What every training stage shares.
 
@@ -148,12 +189,14 @@ class TrainSettings:
     baseline: BaselineSettings = BaselineSettings()
     localiser: LocaliserSettings = LocaliserSettings()
     chest_landmarks: LocaliserSettings = LocaliserSettings()  # seed 000's detector (bmdpipe.train.chest)
+    chest_bmd: ChestBmdSettings = ChestBmdSettings()  # seed 000's models (bmdpipe.train.chest_bmd)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> "TrainSettings":
         cfg = dict(cfg or {})
         subs = {"decomposition": DecompositionSettings, "regression": RegressionSettings, "baseline": BaselineSettings,
-                "localiser": LocaliserSettings, "chest_landmarks": LocaliserSettings}
+                "localiser": LocaliserSettings, "chest_landmarks": LocaliserSettings,
+                "chest_bmd": ChestBmdSettings}
         for key, kind in subs.items():
             cfg[key] = kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in (cfg.get(key) or {}).items()})
         for key in ("sites", "measures", "image_size", "views"):
