@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from bmdpipe import __version__
-from bmdpipe.evaluate.bmd import method_key
+from bmdpipe.evaluate.bmd import SEED000_METHODS, method_key
 from bmdpipe.evaluate.robustness import JPEG_TAG, LOCALISER_TAG, VARIANT
 from bmdpipe.io.atomic import atomic_path
 
@@ -428,8 +428,7 @@ def chest_landmarks_section(results: Path) -> str:
                                                  "confidence (median)", "note"])))
 
 
-#: Seed 000's models (bmdpipe.models.multiroi.VARIANTS) and seed 004's methods they are compared with.
-SEED000_METHODS = ("Base", "MultiPatch", "AttMultiPatch", "MultiROI", "AttMultiROI")
+#: Seed 004's methods that seed 000's models (SEED000_METHODS) are compared with.
 COMPARED_METHODS = ("decomposition", "decomposition+regression", "baseline")
 
 

@@ -34,6 +34,8 @@ import SimpleITK as sitk
 import yaml
 from conftest import REPO, build_small_cohort, snakemake_run
 
+from bmdpipe.evaluate.bmd import SEED000_METHODS
+
 pytestmark = pytest.mark.slow
 
 SCRIPTS = Path(__file__).resolve().parent / "slurm"
@@ -318,8 +320,7 @@ def test_training_chain_matches_a_local_run(slurm_virtual_run, virtual_run):
     # seeded CPU training with the same threads: the same held-out predictions
     pa = pd.read_csv(local / "metrics" / "predictions.tsv", sep="\t")
     experiments = tuple(f" @{name}" for name in virtual_run["cfg"]["evaluate"]["experiments"])
-    seed000 = ("Base", "MultiPatch", "AttMultiPatch", "MultiROI", "AttMultiROI")
-    pa = pa[~pa.method.str.endswith(experiments) & ~pa.method.isin(seed000)].reset_index(drop=True)  # not run through SLURM
+    pa = pa[~pa.method.str.endswith(experiments) & ~pa.method.isin(SEED000_METHODS)].reset_index(drop=True)  # not via SLURM
     pb = pd.read_csv(slurm / "metrics" / "predictions.tsv", sep="\t")
     assert len(pa) > 0
     pd.testing.assert_frame_equal(pa, pb, rtol=1e-5)

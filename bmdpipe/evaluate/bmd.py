@@ -11,8 +11,9 @@ from bmdpipe import tscore
 from bmdpipe.evaluate import metrics
 
 #: Row order of the results table; other methods follow in name order.
-METHOD_ORDER = ["ceiling", "decomposition", "decomposition+regression", "baseline",
-                "Base", "MultiPatch", "AttMultiPatch", "MultiROI", "AttMultiROI"]  # the last five: seed 000's
+#: Seed 000's models, named as :data:`bmdpipe.models.multiroi.VARIANTS` (their held-out method names).
+SEED000_METHODS = ("Base", "MultiPatch", "AttMultiPatch", "MultiROI", "AttMultiROI")
+METHOD_ORDER = ["ceiling", "decomposition", "decomposition+regression", "baseline", *SEED000_METHODS]
 #: Columns of bmd.tsv taken from each column's agreement figures.
 TABLE_FIGURES = ("pcc", "icc", "mae", "see", "bias")
 

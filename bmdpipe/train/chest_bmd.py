@@ -39,6 +39,7 @@ from bmdpipe.io.xray import load_xray
 from bmdpipe.models.multiroi import VARIANTS, build_chest_model, multiroi_loss
 from bmdpipe.train.data import Augment, _resize, augment, standardise
 from bmdpipe.train.loop import TrainConfig, TrainState, fit, seed_everything, setup_device, update
+from bmdpipe.train.regression import label_norm
 from bmdpipe.train.settings import ChestBmdSettings
 
 #: Input kinds of the variants, in the order they are made.
@@ -143,12 +144,6 @@ class ChestDataset(Dataset):
         return self.x[i], self.bmd[i], self.mask[i]
 
 
-def _norm(views: Sequence[ChestView], columns: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    bmd = np.stack([v.bmd for v in views])[:, list(columns)]
-    mean, sd = np.nan_to_num(np.nanmean(bmd, axis=0)), np.nan_to_num(np.nanstd(bmd, axis=0))
-    return mean.astype(np.float32), np.where(sd > 0, sd, 1.0).astype(np.float32)
-
-
 def train_chest_model(views: Sequence[ChestView], variant: str, columns: Sequence[str], column_index: Sequence[int],
                       out_path: str | os.PathLike[str], work: str | os.PathLike[str], settings: ChestBmdSettings,
                       *, device: str = "auto", seed: int = 0, progress: bool = False) -> dict:
@@ -164,8 +159,8 @@ def train_chest_model(views: Sequence[ChestView], variant: str, columns: Sequenc
             "batch_norm": settings.batch_norm, "layers": settings.layers, "heads": settings.heads, "feedforward": settings.feedforward,
             "input_size": settings.input_size}
     model = build_chest_model(arch).to(dev)
-    mean, sd = _norm(views, column_index)
-    m, s = torch.from_numpy(mean).to(dev), torch.from_numpy(sd).to(dev)
+    norm = label_norm(views, [columns[k] for k in column_index], column_index)
+    m, s = torch.tensor(norm["mean"], device=dev), torch.tensor(norm["sd"], device=dev)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=settings.restart_epochs)
     state = TrainState({"model": model}, {"model": opt}, {"model": sched}, device=dev)
@@ -188,9 +183,7 @@ def train_chest_model(views: Sequence[ChestView], variant: str, columns: Sequenc
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
-        torch.save({"arch": arch, "state_dict": model.state_dict(),
-                    "norm": {"columns": [columns[k] for k in column_index], "mean": mean.tolist(),
-                             "sd": sd.tolist()}}, tmp)
+        torch.save({"arch": arch, "state_dict": model.state_dict(), "norm": norm}, tmp)
     if (Path(work) / "metrics.csv").exists():
         shutil.copyfile(Path(work) / "metrics.csv", out.with_name(f"{out.stem}_metrics.csv"))
     return {**(state.history[-1] if state.history else {}), "seconds": time.perf_counter() - start}

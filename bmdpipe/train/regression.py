@@ -65,9 +65,14 @@ def load_regressor(path: str | os.PathLike[str], device: str | torch.device = "c
     return model.to(device).eval(), payload
 
 
-def label_norm(views: Sequence[View], columns: Sequence[str]) -> dict:
-    """Mean and SD per BMD column over the training views (labels are standardised with them)."""
+def label_norm(views: Sequence[View], columns: Sequence[str], index: Sequence[int] | None = None) -> dict:
+    """Mean and SD per BMD column over the training views (labels are standardised with them).
+
+    ``index``: positions of ``columns`` in each view's ``bmd`` (None: ``bmd`` holds exactly ``columns``).
+    """
     bmd = np.stack([v.bmd for v in views])
+    if index is not None:
+        bmd = bmd[:, list(index)]
     mean = np.nanmean(bmd, axis=0)
     sd = np.nanstd(bmd, axis=0)
     return {"columns": list(columns), "mean": np.nan_to_num(mean).tolist(),
