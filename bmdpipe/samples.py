@@ -210,3 +210,75 @@ def load_samples(path: str | os.PathLike[str], *, check_paths: bool = True,
 def patients(df: pd.DataFrame) -> list[str]:
     """Patient ids in sheet order, each once."""
     return list(dict.fromkeys(df["patient_id"]))
+
+
+#: Columns of a manual landmark table (:func:`read_landmark_table`).
+LANDMARK_COLUMNS = ("patient_id", "view", "landmark", "row", "col")
+
+
+def read_landmark_table(path: str | os.PathLike[str], samples: pd.DataFrame | None = None) -> dict[tuple[str, str], Any]:
+    """Seed 000's chest landmarks placed by hand: a TSV (``.tsv``, ``.txt``) or CSV (``.csv``) with one row per
+    point and the columns ``patient_id, view, landmark, row, col``.
+
+    ``landmark`` is one of :data:`bmdpipe.chest_landmarks.LANDMARKS`; ``row`` and ``col`` are pixels of the
+    radiograph file as stored (row 0 is the first row of its pixel data, pixel centres at integers,
+    fractions allowed). A view may give any subset of the 16 points.
+
+    Args:
+        path: the table.
+        samples: the validated samples sheet; when given, every (patient_id, view) must be one of its rows.
+
+    Returns:
+        ``(patient_id, view)`` → ``(16, 2)`` float64 ``(row, col)`` pixels, NaN where the table gives none.
+
+    Raises:
+        ConfigError: a missing file or column, an unknown landmark, a coordinate that is not a number of pixels
+            ≥ 0, a point given twice, or a radiograph the samples sheet does not have (the row is named).
+    """
+    import numpy as np
+
+    from bmdpipe.chest_landmarks import LANDMARKS
+
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{p}: landmark table not found; set cohort.landmarks to an existing TSV or CSV file "
+                          "(or to null when no landmarks were placed by hand)")
+    sep = "," if p.suffix.lower() == ".csv" else "\t"
+    try:
+        df = pd.read_csv(p, sep=sep, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: cannot parse the landmark table as {'CSV' if sep == ',' else 'TSV'}: {exc}") from None
+    df.columns = [c.strip() for c in df.columns]
+    missing = [c for c in LANDMARK_COLUMNS if c not in df.columns]
+    if missing:
+        raise ConfigError(f"{p}: column(s) {', '.join(missing)} missing; a landmark table has the columns "
+                          f"{', '.join(LANDMARK_COLUMNS)} (one row per point, row/col in pixels of the radiograph)")
+    index = {name: k for k, name in enumerate(LANDMARKS)}
+    views = None if samples is None else set(zip(samples.patient_id.astype(str), samples.view.astype(str)))
+    out: dict[tuple[str, str], Any] = {}
+    seen: dict[tuple[str, str, str], int] = {}
+    for i, row in enumerate(df[list(LANDMARK_COLUMNS)].apply(lambda col: col.str.strip()).itertuples(index=False)):
+        where = _where(p, i)
+        key = (row.patient_id, row.view)
+        if row.landmark not in index:
+            raise ConfigError(f"{where}: landmark {row.landmark!r} is not one of seed 000's 16: {', '.join(LANDMARKS)}")
+        if views is not None and key not in views:
+            raise ConfigError(f"{where}: patient_id {row.patient_id!r} with view {row.view!r} is not a row of the "
+                              "samples sheet; fix the ids or remove the row")
+        coords = []
+        for name in ("row", "col"):
+            value = getattr(row, name)
+            try:
+                v = float(value)
+            except ValueError:
+                v = float("nan")
+            if not np.isfinite(v) or v < 0:
+                raise ConfigError(f"{where}: {name} = {value!r} is not a pixel coordinate; give a number ≥ 0 "
+                                  "(pixels of the radiograph file, row 0 = its first row)")
+            coords.append(v)
+        if (*key, row.landmark) in seen:
+            raise ConfigError(f"{where}: {row.landmark} of patient {row.patient_id!r} view {row.view!r} is already "
+                              f"given in row {seen[(*key, row.landmark)] + 1}; keep one of the two")
+        seen[(*key, row.landmark)] = i
+        out.setdefault(key, np.full((len(LANDMARKS), 2), np.nan))[index[row.landmark]] = coords
+    return out

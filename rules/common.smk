@@ -129,6 +129,10 @@ def labelled_patients():
 
 
 LABELLED = labelled_patients()
+#: Seed 000's chest landmarks placed by hand (cohort.landmarks), checked against the sheet before any job runs.
+MANUAL_LANDMARKS = COHORT.get("landmarks")
+if MANUAL_LANDMARKS:
+    sample_sheet.read_landmark_table(MANUAL_LANDMARKS, SAMPLES)
 #: The segmentation U-Net: a configured trained model, else the one rule train_segmenter makes.
 SEGMENTER = config["segment"]["unet"]["model"] or "results/models/segmenter"
 SEGMENT_GPUS = 1 if config["segment"]["device"] == "cuda" else 0
@@ -302,8 +306,17 @@ def experiment_results():
 
 
 def chest_landmark_models():
-    """Seed 000's landmark detector per fold, when some patient's supplied labels can teach it."""
-    return expand("results/models/chest_landmarks/fold{fold}", fold=FOLDS) if LABELLED else []
+    """Seed 000's landmark detector per fold, when some patient's supplied labels (or hand-placed points) can
+    teach it."""
+    return expand("results/models/chest_landmarks/fold{fold}", fold=FOLDS) if LABELLED or MANUAL_LANDMARKS else []
+
+
+def get_chest_landmarks_input(wildcards):
+    """A fold's data, the whole radiographs, and the table of hand-placed landmarks when there is one."""
+    inputs = {**get_fold_data(wildcards), "xrays": expand("results/xray/{patient}", patient=PATIENTS)}
+    if MANUAL_LANDMARKS:
+        inputs["landmarks"] = MANUAL_LANDMARKS
+    return inputs
 
 
 def chest_bmd_models():
@@ -314,7 +327,7 @@ def chest_bmd_models():
 def get_chest_bmd_input(wildcards):
     """A fold's data, the whole radiographs, and the fold's landmark detector when one is trained (its ROIs)."""
     inputs = {**get_fold_data(wildcards), "xrays": expand("results/xray/{patient}", patient=PATIENTS)}
-    if LABELLED:
+    if LABELLED or MANUAL_LANDMARKS:
         inputs["detector"] = f"results/models/chest_landmarks/fold{wildcards.fold}"
     return inputs
 

@@ -151,8 +151,7 @@ rule train_localiser:
 
 rule train_chest_landmarks:
     input:
-        unpack(get_fold_data),
-        xrays=expand("results/xray/{patient}", patient=PATIENTS),
+        unpack(get_chest_landmarks_input),
     output:
         directory("results/models/chest_landmarks/fold{fold}"),
     params:

@@ -316,6 +316,38 @@ def test_virtual_cohort_reruns_touch_only_what_changed(virtual_run, tmp_path):
     assert set(re.findall(r"wildcards: patient=(\S+)", proc.stdout)) == {"sim900"}
 
 
+def test_hand_placed_landmarks_join_the_detector_training(virtual_run, tmp_path):
+    """cohort.landmarks on the trained tiny cohort: a table re-trains the landmark detectors and what uses them,
+    nothing upstream; its points reach the fold job; a bad row stops the dry run before any job, named."""
+    from bmdpipe.train.jobs import chest_landmarks_fold_job
+
+    work, cfg = virtual_run["work"], virtual_run["cfg"]
+    k = cfg["train"]["folds"]
+    ct = np.load(work / "results" / "targets" / "sim001" / "pa.npz")["chest_landmarks_rows_cols"]
+    rows = [("sim001", "pa", name, ct[i, 0] + 1.0, ct[i, 1]) for i, name in enumerate(LANDMARKS)
+            if np.isfinite(ct[i]).all()]
+    table = tmp_path / "landmarks.csv"
+    pd.DataFrame(rows, columns=["patient_id", "view", "landmark", "row", "col"]).to_csv(table, index=False)
+    changed = copy_config(cfg, ("cohort", "landmarks"), str(table))
+    assert _plan(changed, work, tmp_path / "marks.yaml") == {"train_chest_landmarks": k, "train_chest_bmd": k,
+                                                            "evaluate_bmd": 1, "report": 1, "all": 1}
+    folds = json.loads((work / "results" / "dataset" / "folds.json").read_text())["folds"]
+    fold = next(int(f) for f, ps in folds.items() if "sim001" not in ps)  # sim001 trains this fold's detector
+    summary = chest_landmarks_fold_job(
+        folds=str(work / "results" / "dataset" / "folds.json"), fold=fold, targets_root=str(work / "results" / "targets"),
+        samples=str(work / cfg["cohort"]["samples"]), settings=cfg["train"], xray_root=str(work / "results" / "xray"),
+        out=str(tmp_path / "detector"), checkpoints=str(tmp_path / "checkpoints"), code_version="test",
+        landmarks=str(table))
+    assert summary["status"] == "ok" and summary["manual_views"] == ["sim001/pa"], summary
+    assert "sim001" in summary["train_patients"]
+    pd.DataFrame([("sim001", "pa", "C8", 1, 2)], columns=["patient_id", "view", "landmark", "row", "col"]).to_csv(
+        table, index=False)
+    proc = snakemake("--dry-run", "--cores", "2", "--configfile", str(tmp_path / "marks.yaml"), "--directory",
+                     str(work), check=False)
+    assert proc.returncode != 0
+    assert "landmarks.csv: row 1 (line 2): landmark 'C8' is not one of seed 000's 16" in proc.stdout + proc.stderr
+
+
 def copy_config(cfg: dict, keys: tuple[str, ...], value) -> dict:
     """A deep copy of ``cfg`` with ``cfg[keys[0]][keys[1]]... = value``."""
     out = copy.deepcopy(cfg)

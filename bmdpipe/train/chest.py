@@ -3,8 +3,9 @@
 Seed 000 trained a graph network on 1000 hand-labelled radiographs. Here the labels come from the CT: the
 targets stage projects the landmarks it finds on the bone labels through each radiograph's registered pose
 (``chest_landmarks_rows_cols`` in ``results/targets/{patient}/{view}.npz``), so only patients whose labels
-name the clavicles, ribs, C7 and T12 (the supplied label maps) teach it; it then finds them on any
-radiograph. The detector is the heatmap U-Net of :mod:`bmdpipe.models.landmarks` (the paper's graph
+name the clavicles, ribs, C7 and T12 (the supplied label maps) teach it, together with any view whose points
+were placed by hand (``cohort.landmarks``, :func:`bmdpipe.samples.read_landmark_table`: they replace the
+CT's); it then finds them on any radiograph. The detector is the heatmap U-Net of :mod:`bmdpipe.models.landmarks` (the paper's graph
 network is optional in the issue), on the radiograph letterboxed like the crop localiser's
 (:func:`bmdpipe.train.localise.letterbox`); a landmark that is off the detector trains an empty map.
 
@@ -18,12 +19,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from bmdpipe.chest_landmarks import LANDMARKS
+from bmdpipe.errors import InputError
 from bmdpipe.models.landmarks import decode_heatmaps, heatmap_unet
 from bmdpipe.train.localise import Letterbox, fit_heatmaps, registered_views
 from bmdpipe.train.loop import seed_everything, setup_device
@@ -55,13 +57,43 @@ class LandmarkView:
 
 
 def load_landmark_views(patients: Sequence[str], targets_root: str | os.PathLike[str],
-                        xray_root: str | os.PathLike[str], size: int,
-                        min_points: int = MIN_POINTS) -> list[LandmarkView]:
-    """The views of ``patients`` whose targets hold at least ``min_points`` landmarks on the detector."""
-    return [LandmarkView(p, view, grid, lb.to_grid(truth), truth, shape, spacing, lb)
-            for p, view, truth, shape, spacing, grid, lb in registered_views(
-                patients, targets_root, xray_root, size, "chest_landmarks_rows_cols",
-                keep=lambda a: np.isfinite(a).all(axis=1).sum() >= min_points)]
+                        xray_root: str | os.PathLike[str], size: int, min_points: int = MIN_POINTS,
+                        manual: Mapping[tuple[str, str], np.ndarray] | None = None,
+                        manual_source: str = "the landmark table") -> list[LandmarkView]:
+    """The views of ``patients`` whose targets hold at least ``min_points`` landmarks on the detector.
+
+    ``manual`` (:func:`bmdpipe.samples.read_landmark_table`): ``(patient, view)`` → ``(16, 2)`` points placed
+    by hand on the radiograph, NaN where not given; a point given there replaces the one projected from the
+    CT, so a view whose CT labels do not name the chest bones can teach the detector too.
+
+    Raises:
+        InputError: a point of ``manual`` lies outside its radiograph (named with ``manual_source``).
+    """
+    manual = manual or {}
+
+    def merged(patient: str, view: str, ct_points: np.ndarray | None) -> np.ndarray | None:
+        hand = manual.get((patient, view))
+        if hand is None:
+            return ct_points
+        out = np.full((len(LANDMARKS), 2), np.nan) if ct_points is None else ct_points.copy()
+        given = np.isfinite(hand).all(axis=1)
+        out[given] = hand[given]
+        return out
+
+    views = []
+    for p, view, truth, shape, spacing, grid, lb in registered_views(
+            patients, targets_root, xray_root, size, "chest_landmarks_rows_cols",
+            keep=lambda a: np.isfinite(a).all(axis=1).sum() >= min_points, adjust=merged):
+        hand = manual.get((p, view))
+        if hand is not None:
+            outside = np.isfinite(hand).all(axis=1) & ~((hand >= -0.5) & (hand <= np.asarray(shape) - 0.5)).all(axis=1)
+            if outside.any():
+                k = int(np.flatnonzero(outside)[0])
+                raise InputError(f"{manual_source}: {LANDMARKS[k]} of patient {p!r} view {view!r} at row, col "
+                                 f"{hand[k, 0]:g}, {hand[k, 1]:g} is outside its radiograph ({shape[0]} × {shape[1]} "
+                                 "pixels); row and col are pixels of the radiograph file")
+        views.append(LandmarkView(p, view, grid, lb.to_grid(truth), truth, shape, spacing, lb))
+    return views
 
 
 def build_detector(arch: dict) -> torch.nn.Module:

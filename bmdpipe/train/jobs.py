@@ -16,6 +16,7 @@ Every ``predictions.tsv`` is long: one row per held-out view and BMD column with
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -243,7 +244,8 @@ def localiser_fold_job(*, folds: str, fold: int, targets_root: str, samples: str
 
 
 def chest_landmarks_fold_job(*, folds: str, fold: int, targets_root: str, samples: str, settings: dict,
-                             xray_root: str, out: str, checkpoints: str, code_version: str) -> dict:
+                             xray_root: str, out: str, checkpoints: str, code_version: str,
+                             landmarks: str | None = None) -> dict:
     """Rule train_chest_landmarks: seed 000's landmark detector of one fold, trained on its training patients'
     views that carry CT-derived landmarks (:mod:`bmdpipe.train.chest`).
 
@@ -251,25 +253,32 @@ def chest_landmarks_fold_job(*, folds: str, fold: int, targets_root: str, sample
     error in mm, confidence) and ``chest_landmarks.json`` (mean and median error, fraction within 5 mm, per
     landmark). A fold whose training patients have no landmarks writes only ``chest_landmarks.json`` with
     status ``skipped`` and the reason. ``samples`` is unused (no BMD) but kept for the shared fold-job arguments.
+    ``landmarks`` is the table of points placed by hand (config ``cohort.landmarks``): they replace the CT's.
     """
+    from bmdpipe.samples import read_landmark_table
     from bmdpipe.train.chest import evaluate_detector, load_landmark_views, summarise_detector, train_detector
     from bmdpipe.train.settings import work_dir
 
     parsed = TrainSettings.from_config(settings)
     det = parsed.chest_landmarks
     parts = split(json.loads(Path(folds).read_text())["folds"], fold)
-    train = load_landmark_views(parts["train"], targets_root, xray_root, det.size)
-    test = load_landmark_views(parts["test"], targets_root, xray_root, det.size)
+    manual = read_landmark_table(landmarks) if landmarks else {}
+    train, test = (load_landmark_views(parts[k], targets_root, xray_root, det.size, manual=manual,
+                                       manual_source=str(landmarks)) for k in ("train", "test"))
     summary = {"stage": "chest_landmarks", "status": "ok", "fold": fold, "code_version": STAGE_VERSION,
                "bmdpipe_version": __version__, "n_train_views": len(train),
-               "train_patients": sorted({v.patient for v in train})}
+               "train_patients": sorted({v.patient for v in train}),
+               "manual_views": sorted(f"{p}/{v}" for p, v in manual if p in parts["train"] or p in parts["test"])}
     if not train:  # reported, not fatal: the other folds and methods go on
         summary.update(status="skipped", reason="no training patient of this fold has chest landmarks (a supplied "
-                       "label map naming the clavicles, ribs, C7 and T12)", n_views=0, n_points=0)
+                       "label map naming the clavicles, ribs, C7 and T12, or points in cohort.landmarks)",
+                       n_views=0, n_points=0)
         Path(out).mkdir(parents=True, exist_ok=True)
         write_json(Path(out) / "chest_landmarks.json", summary)
         return summary
-    work = work_dir(checkpoints, fold, "chest_landmarks", settings, code_version, parts["train"])
+    key = {**settings, "landmarks_sha256": hashlib.sha256(Path(landmarks).read_bytes()).hexdigest()} if landmarks \
+        else settings  # a changed table does not resume a killed run's checkpoint
+    work = work_dir(checkpoints, fold, "chest_landmarks", key, code_version, parts["train"])
     model = train_detector(train, out, work, det, device=parsed.device, seed=parsed.seed + fold, progress=True)
     table = evaluate_detector(model, test, fold, device=str(resolve_device(parsed.device)))
     write_table(table, Path(out) / "heldout.tsv")

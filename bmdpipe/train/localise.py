@@ -128,18 +128,20 @@ class LocaliserView:
 
 def registered_views(patients: Sequence[str], targets_root: str | os.PathLike[str],
                      xray_root: str | os.PathLike[str], size: int, key: str,
-                     keep: Callable[[np.ndarray], bool] = lambda a: True) -> Iterator[tuple]:
+                     keep: Callable[[np.ndarray], bool] = lambda a: True,
+                     adjust: Callable[[str, str, np.ndarray | None], np.ndarray | None] | None = None) -> Iterator[tuple]:
     """Every view the targets stage made for ``patients``, whole: ``(patient, view, array key of its targets
     .npz (float64), radiograph shape, pixel pitch (mm), letterboxed grid, Letterbox)``; views whose array
-    ``keep`` rejects (or that lack it) are skipped before their radiograph is read."""
+    ``keep`` rejects (or that lack it) are skipped before their radiograph is read. ``adjust(patient, view,
+    array or None)`` may replace the array first (e.g. by points placed by hand)."""
     for p in patients:
         summary = json.loads((Path(targets_root) / p / "targets.json").read_text())
         for view in summary.get("views", []) if summary.get("status") == "ok" else []:
             with np.load(Path(targets_root) / p / f"{view}.npz") as z:
-                if key not in z.files:
-                    continue
-                array = z[key].astype(np.float64)
-            if not keep(array):
+                array = z[key].astype(np.float64) if key in z.files else None
+            if adjust is not None:
+                array = adjust(p, view, array)
+            if array is None or not keep(array):
                 continue
             image, spacing = load_xray(Path(xray_root) / p / f"{view}.nii.gz")
             grid, lb = letterbox(image, size)
