@@ -12,7 +12,8 @@ Sections, each present when the run produced its inputs:
    the training experiments (pose subset, uncalibrated CT) as robustness, scatter and Bland–Altman plots, decomposition examples (radiograph | predicted | target).
 5. The crop localiser of ``bmdpipe predict``: held-out field errors per fold.
 6. Seed 000's chest landmark detector: held-out landmark errors per fold.
-7. Seed 000's five models: its Tables I–III beside seed 004's methods on the same held-out patients.
+7. Seed 000's five models: its Tables I–III beside seed 004's methods on the same held-out patients, and its
+   Figs. 5 (fit line, Bland–Altman), 7 (patients by osteoporotic vertebrae) and 8 (cross-vertebra differences).
 
 :func:`build_report` reads only a finished ``results/`` folder; nothing here trains or predicts.
 """
@@ -24,13 +25,13 @@ import html
 import io
 import json
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from bmdpipe import __version__
-from bmdpipe.evaluate.bmd import SEED000_METHODS, method_key
+from bmdpipe import __version__, tscore
+from bmdpipe.evaluate.bmd import SEED000_METHODS, cross_vertebra_errors, method_key, patient_level_bins, patient_means
 from bmdpipe.evaluate.robustness import JPEG_TAG, LOCALISER_TAG, VARIANT
 from bmdpipe.io.atomic import atomic_path
 
@@ -432,7 +433,97 @@ def chest_landmarks_section(results: Path) -> str:
 COMPARED_METHODS = ("decomposition", "decomposition+regression", "baseline")
 
 
-def chest_bmd_section(results: Path) -> str:
+def featured_method(methods: Sequence[str]) -> str | None:
+    """The seed 000 model its figures show: AttMultiROI (the paper's), else the first variant trained."""
+    return "AttMultiROI" if "AttMultiROI" in methods else (methods[0] if methods else None)
+
+
+def seed000_figures(results: Path, samples: pd.DataFrame, reference: Any, methods: Sequence[str]) -> str:
+    """Seed 000 Figs. 5, 7 and 8 for :func:`featured_method` on the held-out patients: fit line and Bland–Altman
+    plot at L1 (or the first DXA site), patients by number of osteoporotic vertebrae with the share classified
+    right at the Flex thresholds, and cross-vertebra DXA differences beside the prediction error by sex and age."""
+    import matplotlib.pyplot as plt
+
+    method = featured_method(methods)
+    pred_path = results / "metrics" / "predictions.tsv"
+    if method is None or not pred_path.exists():
+        return ""
+    predictions = pd.read_csv(pred_path, sep="\t")
+    patients = samples.drop_duplicates("patient_id").set_index("patient_id")
+    table = patient_means(predictions, method, patients)
+    sites = [c.split("_", 1)[1] for c in table.columns if c.startswith("truth_")]
+    if table.empty or not sites:
+        return ""
+    parts = []
+    site = "L1" if "L1" in sites else sites[0]
+    g = predictions[(predictions.method == method) & (predictions.column == f"dxa_{site}")].dropna(
+        subset=["truth", "pred"])
+    if len(g) >= 3:
+        x, y = g.truth.to_numpy(), g.pred.to_numpy()
+        slope, intercept = np.polyfit(x, y, 1)
+        r2 = float(np.corrcoef(x, y)[0, 1] ** 2)
+        mean, diff = (x + y) / 2, y - x
+        bias, sd = float(diff.mean()), float(diff.std(ddof=1))
+        outside = int((np.abs(diff - bias) > 1.96 * sd).sum())
+        fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
+        axes[0].scatter(x, y, s=10)
+        lims = np.array([min(x.min(), y.min()), max(x.max(), y.max())])
+        axes[0].plot(lims, lims, "k:", lw=0.8, label="identity")
+        axes[0].plot(lims, slope * lims + intercept, "r-", lw=1,
+                     label=f"y = {slope:.2f} x + {intercept:.2f}, R² = {r2:.3f}")
+        axes[0].legend(fontsize=7)
+        axes[0].set(xlabel=f"DXA {site} (g/cm²)", ylabel=f"{method} (g/cm²)")
+        axes[1].scatter(mean, diff, s=10)
+        for yy, style in ((bias, "-"), (bias - 1.96 * sd, "--"), (bias + 1.96 * sd, "--")):
+            axes[1].axhline(yy, color="r", ls=style, lw=0.8)
+        axes[1].set(xlabel="mean of DXA and prediction (g/cm²)", ylabel="prediction − DXA (g/cm²)",
+                    title=f"bias {bias:+.3f}, SD {sd:.3f}; {outside} of {len(diff)} beyond ±1.96 SD", )
+        axes[1].title.set_fontsize(8)
+        fig.tight_layout()
+        parts.append(f"<h3>Seed 000 Fig. 5: {html.escape(method)} at {html.escape(site)}</h3>"
+                     + _img(_png(fig), f"{method}, {site}, each held-out radiograph: linear fit (A = {slope:.2f}, "
+                            f"B = {intercept:.2f}, R² = {r2:.3f}) and Bland–Altman plot"))
+    bins = patient_level_bins(table, reference)
+    if bins.patients.sum():
+        fig, ax = plt.subplots(figsize=(5, 3))
+        ax.bar(bins.bin, bins.patients, color="0.85", edgecolor="0.4", label="patients")
+        ax.bar(bins.bin, bins.correct, color="tab:blue", label="classified right (Flex)")
+        for i, r in bins.iterrows():
+            if r.patients:
+                ax.annotate(f"{100 * r.fraction:.0f} %", (i, r.patients), ha="center", va="bottom", fontsize=7)
+        ax.set(ylabel="held-out patients", xlabel="osteoporotic vertebrae (N: none)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        parts.append(f"<h3>Seed 000 Fig. 7: patient-level classification ({html.escape(method)}, Flex "
+                     "thresholds)</h3>" + _img(_png(fig), "patients by number of vertebrae with true T ≤ −2.5; "
+                                               "shaded: true negatives (N) and true positives (P1…)")
+                     + _table(bins))
+    errors = cross_vertebra_errors(table)
+    if len(sites) >= 2 and errors.patients.iloc[0]:
+        pairs = [c for c in errors.columns if c.startswith("|")]
+        maes = [c for c in errors.columns if c.startswith("MAE ")]
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), sharey=True)
+        shown = errors[errors.patients > 0]
+        for ax, cols, title in ((axes[0], pairs, "cross-vertebra |DXA difference|"),
+                                (axes[1], maes, f"{method} mean absolute error")):
+            for c in cols:
+                ax.plot(shown.group, shown[c], marker="o", label=c)
+            ax.set(title=title, ylabel="g/cm²")
+            ax.tick_params(axis="x", labelrotation=45, labelsize=7)
+            ax.legend(fontsize=6)
+        fig.tight_layout()
+        parts.append("<h3>Seed 000 Fig. 8: cross-vertebra BMD differences and prediction error</h3>"
+                     + _img(_png(fig), "mean absolute DXA difference between vertebrae (left) beside the mean "
+                            "absolute prediction error per vertebra (right), by sex and age group")
+                     + _table(errors))
+    if parts:
+        parts.insert(0, "<p class=note>Figures for the paper's model on held-out patients (each patient's radiographs "
+                        "averaged, except Fig. 5); on a small cohort they show the method's behaviour, not its "
+                        "accuracy.</p>")
+    return "".join(parts)
+
+
+def chest_bmd_section(results: Path, samples: pd.DataFrame | None = None) -> str:
     """Seed 000's models: Table I (R, RMSE, AUC per vertebra and their average, every variant beside seed 004's
     methods on the same held-out patients), Tables II and III (sensitivity and specificity at the unified
     T-score thresholds and Flex, per vertebra and per patient), and what each fold trained or skipped."""
@@ -484,6 +575,9 @@ def chest_bmd_section(results: Path) -> str:
                      + _table(pd.DataFrame(screen_rows, columns=["method", "vertebra",
                                                                  *(f"T ≤ {k}" if k != "flex" else "Flex"
                                                                    for k in labels)])))
+    if samples is not None:
+        parts.append(seed000_figures(results, samples, figures.get("tscore_reference", tscore.DEFAULT_REFERENCE),
+                                     ours))
     fold_rows = []
     for d in folds:
         for v in d.get("variants", []):
@@ -521,7 +615,7 @@ def build_report(results: str | Path, samples: pd.DataFrame, out: str | Path, *,
         ("Results", results_section(results)),
         ("Crop localiser for bmdpipe predict", localiser_section(results)),
         ("Seed 000: chest landmarks", chest_landmarks_section(results)),
-        ("Seed 000: BMD from chest radiographs", chest_bmd_section(results)),
+        ("Seed 000: BMD from chest radiographs", chest_bmd_section(results, samples)),
     )
     body = "".join(f"<h2>{name}</h2>{content}" for name, content in sections if content)
     page = (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"

@@ -93,3 +93,35 @@ def test_unknown_sex_and_too_few_pairs_give_none_not_errors(table):
     assert col["per_pose"]["pa"]["pcc"] is None  # 2 views of one pose
     assert out["methods"]["decomposition"]["screening"]["n_patients"] == 1  # p01's sex unknown
     json.dumps(out, allow_nan=False)
+
+
+def test_seed000_figures_count_patients_and_errors_by_hand():
+    """Seed 000 Figs. 7 and 8 on four patients whose T-scores and errors are worked out by hand."""
+    from bmdpipe.evaluate.bmd import cross_vertebra_errors, patient_level_bins, patient_means
+
+    ref = tscore.reference_table("seed000")["F"]
+    at = {site: (lambda t, s=site: ref[s][0] + t * ref[s][1]) for site in ("T12", "L1")}  # T-score → g/cm²
+    # (truth T at T12, L1), (predicted T at T12, L1): Flex is -2.2 at L1, -2.5 at T12 (no Flex entry)
+    cases = {"a": ((-1.0, -1.0), (-1.0, -1.0)),  # N, predicted negative: right
+             "b": ((-1.0, -1.0), (-1.0, -2.3)),  # N, L1 below Flex: wrong
+             "c": ((-3.0, -1.0), (-2.4, -2.1)),  # P1, nothing below its Flex threshold: missed
+             "d": ((-3.0, -3.0), (-1.0, -2.25))}  # P2, L1 below -2.2: found
+    rows = []
+    for patient, (truth, pred) in cases.items():
+        for view, noise in (("pa", 0.01), ("rot", -0.01)):  # two views average to the prediction above
+            for k, site in enumerate(("T12", "L1")):
+                rows.append((patient, view, 0, "AttMultiROI", f"dxa_{site}", at[site](truth[k]),
+                             at[site](pred[k]) + noise))
+    predictions = pd.DataFrame(rows, columns=["patient_id", "view", "fold", "method", "column", "truth", "pred"])
+    patients = pd.DataFrame({"sex": ["F"] * 4, "age": [55, 65, 75, 85]}, index=list(cases))
+    table = patient_means(predictions, "AttMultiROI", patients)
+    bins = patient_level_bins(table, "seed000").set_index("bin")
+    assert bins.patients.to_dict() == {"N": 2, "P1": 1, "P2": 1}
+    assert bins.correct.to_dict() == {"N": 1, "P1": 0, "P2": 1}
+    errors = cross_vertebra_errors(table).set_index("group")
+    diff = [abs(at["L1"](truth[1]) - at["T12"](truth[0])) for truth, _ in cases.values()]
+    mae = [abs(at["L1"](pred[1]) - at["L1"](truth[1])) for truth, pred in cases.values()]
+    assert errors.loc["all", "|T12−L1|"] == pytest.approx(np.mean(diff))
+    assert errors.loc["all", "MAE L1"] == pytest.approx(np.mean(mae))
+    assert errors.loc["age: 70–79", "MAE L1"] == pytest.approx(mae[2]) and errors.loc["age: ≥ 80", "patients"] == 1
+    assert errors.loc["sex: M", "patients"] == 0 and np.isnan(errors.loc["sex: M", "MAE L1"])

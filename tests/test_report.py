@@ -48,6 +48,11 @@ def test_report_has_every_section_and_every_exclusion(virtual_run):
     # seed 000's models beside seed 004's methods (Table I), screening at its thresholds (Tables II and III)
     assert "<h2>Seed 000: BMD from chest radiographs</h2>" in page and "Seed 000 Table I" in page
     assert "Seed 000 Tables II and III" in page and "<th>T ≤ -1.75</th>" in page and "<td>AttMultiPatch</td>" in page
+    # its figures for the paper's model (AttMultiROI where a fold trained it): fit line and Bland–Altman at L1,
+    # patients by osteoporotic vertebrae, cross-vertebra differences beside the error
+    featured = "AttMultiROI" if "<td>AttMultiROI</td>" in page else "Base"
+    assert f"Seed 000 Fig. 5: {featured} at L1" in page and "Seed 000 Fig. 7: patient-level classification" in page
+    assert "Seed 000 Fig. 8" in page and "<th>|T12−L1|</th>" in page and "<th>MAE L1</th>" in page
     for patient, reason in json.loads((results / "dataset" / "folds.json").read_text())["excluded"].items():
         assert html.escape(reason) in page, patient
     qc = pd.read_csv(results / "qc" / "patients.tsv", sep="\t", keep_default_na=False)

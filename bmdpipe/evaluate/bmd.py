@@ -160,3 +160,89 @@ def _finite(value: Any) -> Any:
     if isinstance(value, np.integer):
         return int(value)
     return value
+
+
+def _level(site: str) -> tuple:
+    """Sort key of a vertebra name from the head down (C7, T12, L1, L2, ...); other names after them."""
+    region = "CTLS".find(site[:1])
+    return (region, int(site[1:])) if region >= 0 and site[1:].isdigit() else (9, site)
+
+
+def patient_means(predictions: pd.DataFrame, method: str, patients: pd.DataFrame) -> pd.DataFrame:
+    """One row per held-out patient of ``method``: each DXA column's truth and prediction averaged over the
+    patient's views (g/cm²), with ``sex`` and ``age`` from ``patients`` (indexed by patient_id).
+
+    Returns:
+        Columns ``sex``, ``age`` and ``truth_{site}``, ``pred_{site}`` per DXA site (e.g. ``truth_L1``), indexed
+        by patient_id; a site a patient lacks is NaN.
+    """
+    g = predictions[(predictions.method == method) & predictions.column.str.startswith("dxa_")]
+    g = g.dropna(subset=["truth", "pred"])
+    means = g.groupby(["patient_id", "column"])[["truth", "pred"]].mean().unstack("column")
+    means.columns = [f"{kind}_{column.split('_', 1)[1]}" for kind, column in means.columns]
+    means = means[sorted(means.columns, key=lambda c: (_level(c.split("_", 1)[1]), c))]
+    info = patients.reindex(means.index)[["sex", "age"]]
+    return pd.concat([info, means], axis=1)
+
+
+def patient_level_bins(table: pd.DataFrame, reference: Any = tscore.DEFAULT_REFERENCE) -> pd.DataFrame:
+    """Seed 000 Fig. 7: patients by their number of osteoporotic vertebrae (true T ≤ −2.5), and how many of each
+    bin the method classifies right at the Flex thresholds (a patient is positive when any vertebra is).
+
+    Args:
+        table: :func:`patient_means`; patients of unknown sex (no T-score) or missing a site are left out.
+
+    Returns:
+        One row per bin, ``N`` (no osteoporotic vertebra) then ``P1``, ``P2``, …: ``patients``, ``correct``
+        (true negatives in ``N``, true positives in the ``P`` bins) and ``fraction`` correct.
+    """
+    sites = [c.split("_", 1)[1] for c in table.columns if c.startswith("truth_")]
+    rows = table[table.sex.isin(["F", "M"])].dropna(subset=[f"{k}_{s}" for s in sites for k in ("truth", "pred")])
+    n_osteo, positive = [], []
+    for _, r in rows.iterrows():
+        t_true = [tscore.t_score(r[f"truth_{s}"], s, r.sex, reference) for s in sites]
+        t_pred = [tscore.t_score(r[f"pred_{s}"], s, r.sex, reference) for s in sites]
+        n_osteo.append(sum(t <= tscore.OSTEOPOROSIS_T for t in t_true))
+        positive.append(any(t <= metrics.FLEX_THRESHOLDS.get(s, tscore.OSTEOPOROSIS_T) for s, t in zip(sites, t_pred)))
+    n_osteo, positive = np.asarray(n_osteo, dtype=int), np.asarray(positive, dtype=bool)
+    out = []
+    for k in range(len(sites) + 1):
+        sel = n_osteo == k
+        correct = int((~positive[sel]).sum() if k == 0 else positive[sel].sum())
+        out.append({"bin": "N" if k == 0 else f"P{k}", "patients": int(sel.sum()), "correct": correct,
+                    "fraction": correct / sel.sum() if sel.any() else np.nan})
+    return pd.DataFrame(out)
+
+
+#: Age groups of seed 000 Fig. 8, years (lower bound inclusive).
+AGE_GROUPS = ((0, 60, "< 60"), (60, 70, "60–69"), (70, 80, "70–79"), (80, 200, "≥ 80"))
+
+
+def cross_vertebra_errors(table: pd.DataFrame) -> pd.DataFrame:
+    """Seed 000 Fig. 8: by sex and by age group, the mean absolute DXA difference between every pair of vertebrae
+    (how far one vertebra's BMD tells another's: a bound on estimating lumbar BMD from other bones) beside the
+    method's mean absolute error per vertebra, both g/cm².
+
+    Args:
+        table: :func:`patient_means`.
+
+    Returns:
+        One row per group (``group`` "sex: F", "age: 60–69", …, and "all") with ``patients``, ``|A−B|`` per pair
+        of sites and ``MAE A`` per site.
+    """
+    sites = [c.split("_", 1)[1] for c in table.columns if c.startswith("truth_")]
+    groups = [("all", np.ones(len(table), dtype=bool))]
+    groups += [(f"sex: {s}", (table.sex == s).to_numpy()) for s in ("F", "M")]
+    age = pd.to_numeric(table.age, errors="coerce").to_numpy()
+    groups += [(f"age: {name}", (age >= lo) & (age < hi)) for lo, hi, name in AGE_GROUPS]
+    rows = []
+    for name, sel in groups:
+        g = table[sel]
+        row: dict[str, Any] = {"group": name, "patients": int(len(g))}
+        for i, a in enumerate(sites):
+            for b in sites[i + 1:]:
+                row[f"|{a}−{b}|"] = float((g[f"truth_{a}"] - g[f"truth_{b}"]).abs().mean()) if len(g) else np.nan
+        for a in sites:
+            row[f"MAE {a}"] = float((g[f"pred_{a}"] - g[f"truth_{a}"]).abs().mean()) if len(g) else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
