@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bmdpipe.models.landmarks import decode_heatmaps, gaussian_heatmaps
+from bmdpipe.models.landmarks import decode_heatmaps, gaussian_heatmaps, position_prior
 from bmdpipe.train.localise import (
     LocaliserView,
     box_iou,
@@ -33,6 +33,21 @@ def test_heatmaps_decode_to_their_sub_pixel_points():
     assert conf.min() > 0.8
     flat, conf_flat = decode_heatmaps(torch.full((1, 1, 16, 16), 0.05))
     assert float(conf_flat) == pytest.approx(0.05)
+
+
+def test_position_prior_picks_the_peak_where_the_landmark_belongs():
+    """Two look-alike peaks on one map: the higher far one wins plainly, the lower near one under the prior;
+    the point and the confidence still come from the network's own map."""
+    far, near = torch.tensor([[[10.0, 12.0]]]), torch.tensor([[[40.0, 44.0]]])
+    maps = torch.cat([gaussian_heatmaps(far, (64, 64), 2.0) + 0.7 * gaussian_heatmaps(near, (64, 64), 2.0)] * 2, dim=1)
+    plain, conf = decode_heatmaps(maps)
+    assert torch.allclose(plain[0, 0], far[0, 0], atol=0.05) and float(conf[0, 0]) == pytest.approx(1.0, abs=1e-3)
+    mean = torch.tensor([[36.0, 40.0], [float("nan"), float("nan")]])  # landmark 1: no prior
+    weights = position_prior(mean, (64, 64), sigma=10.0)
+    assert weights.shape == (1, 2, 64, 64) and bool((weights[0, 1] == 1).all())
+    got, conf = decode_heatmaps(maps, weights=weights)
+    assert torch.allclose(got[0, 0], near[0, 0], atol=0.05) and float(conf[0, 0]) == pytest.approx(0.7, abs=1e-3)
+    assert torch.allclose(got[0, 1], far[0, 0], atol=0.05)  # no prior: the plain peak
 
 
 def test_letterbox_and_box_geometry_round_trip():

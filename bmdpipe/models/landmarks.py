@@ -61,24 +61,46 @@ def gaussian_heatmaps(points: torch.Tensor, shape: Sequence[int], sigma: float) 
     return torch.nan_to_num(maps, nan=0.0)
 
 
-def decode_heatmaps(heatmaps: torch.Tensor, window: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+def position_prior(mean: torch.Tensor, shape: Sequence[int], sigma: float) -> torch.Tensor:
+    """Gaussian weights around each landmark's usual place, ``(1, K, H, W)`` in (0, 1].
+
+    Args:
+        mean: ``(K, 2)`` ``(row, col)`` pixels (e.g. the mean over the training images); a NaN row gives
+            weight 1 everywhere (no prior for that landmark).
+        shape: ``(H, W)``.
+        sigma: SD, pixels.
+    """
+    prior = gaussian_heatmaps(mean[None], shape, sigma)
+    return torch.where(torch.isnan(mean).any(dim=-1)[None, :, None, None], torch.ones_like(prior), prior)
+
+
+def decode_heatmaps(heatmaps: torch.Tensor, window: int = 6,
+                    weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sub-pixel landmark positions and confidences from heatmaps.
 
     The position is the argmax refined by the centre of mass of the positive
     values in a ``(2·window+1)²`` neighbourhood (±3 SD of the default 2-pixel Gaussian: a smaller one
-    pulls the estimate towards the peak pixel); the confidence is the peak
-    value (a trained map peaks near 1 where the detector is sure, and stays
+    pulls the estimate towards the peak pixel); the confidence is the map's
+    value there (a trained map peaks near 1 where the detector is sure, and stays
     low and flat on an image unlike its training data).
 
     Args:
         heatmaps: ``(B, K, H, W)``.
+        weights: optional ``(1 or B, K, H, W)`` (:func:`position_prior`): the argmax is taken of
+            ``heatmaps × weights``, so that of two peaks the one near the landmark's usual place wins;
+            the centre of mass and the confidence still come from ``heatmaps``.
 
     Returns:
-        ``points`` ``(B, K, 2)`` ``(row, col)`` pixels and ``confidence`` ``(B, K)`` (the peak, clipped to 0–1).
+        ``points`` ``(B, K, 2)`` ``(row, col)`` pixels and ``confidence`` ``(B, K)`` (the map's value at the
+        chosen peak, clipped to 0–1).
     """
     b, k, h, w = heatmaps.shape
     flat = heatmaps.reshape(b, k, -1)
-    peak, idx = flat.max(dim=-1)
+    if weights is None:
+        peak, idx = flat.max(dim=-1)
+    else:
+        idx = (heatmaps.clamp_min(0) * weights).reshape(b, k, -1).argmax(dim=-1)
+        peak = flat.gather(2, idx[..., None])[..., 0]
     r0, c0 = (idx // w).float(), (idx % w).float()
     offsets = torch.arange(-window, window + 1, dtype=torch.float32, device=heatmaps.device)
     rows, cols = r0[..., None] + offsets, c0[..., None] + offsets  # (B, K, n)

@@ -17,6 +17,7 @@ a landmark found with a low peak is not to be cropped at).
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -26,7 +27,7 @@ import pandas as pd
 import torch
 from bmdpipe.chest_landmarks import LANDMARKS
 from bmdpipe.errors import InputError
-from bmdpipe.models.landmarks import decode_heatmaps, heatmap_unet
+from bmdpipe.models.landmarks import decode_heatmaps, heatmap_unet, position_prior
 from bmdpipe.train.localise import Letterbox, fit_heatmaps, registered_views
 from bmdpipe.train.loop import seed_everything, setup_device
 from bmdpipe.train.settings import LocaliserSettings
@@ -124,18 +125,32 @@ def train_detector(views: Sequence[LandmarkView], out_dir: str | os.PathLike[str
     seed_everything(seed)
     dev = setup_device(device)
     arch = {"channels": list(settings.channels), "size": settings.size, "sigma_px": settings.sigma_px,
-            "names": list(names)}
+            "names": list(names), "prior_sigma_px": settings.prior_sigma_px}
     model = build_detector(arch).to(dev)
+    with warnings.catch_warnings():  # a landmark no training view shows: NaN, no prior for it
+        warnings.simplefilter("ignore", RuntimeWarning)
+        prior = np.nanmean(np.stack([v.points for v in views]), axis=0)
     return fit_heatmaps(model, arch, views, settings, out_dir, work, stage="chest_landmarks",
                         augment_config={**settings.augment, "hflip": False},  # a flip would swap left and right
-                        seed=seed, progress=progress)
+                        seed=seed, progress=progress,
+                        prior_mean_grid=prior.tolist())
 
 
 @torch.no_grad()
-def detect(model: torch.nn.Module, grid: np.ndarray, lb: Letterbox) -> tuple[np.ndarray, np.ndarray]:
-    """``(points (K, 2) radiograph pixels, confidence (K,) heatmap peaks 0–1)`` on one letterboxed radiograph."""
+def detect(model: torch.nn.Module, payload: dict, grid: np.ndarray, lb: Letterbox) -> tuple[np.ndarray, np.ndarray]:
+    """``(points (K, 2) radiograph pixels, confidence (K,) heatmap peaks 0–1)`` on one letterboxed radiograph.
+
+    With a position prior in ``payload`` (:func:`train_detector`), each landmark is the peak of its map
+    weighted by a Gaussian around its mean place on the training radiographs: a look-alike spot far away
+    (another rib edge, the other clavicle) no longer wins over a lower peak where the landmark belongs.
+    """
     x = torch.from_numpy(grid)[None, None].to(next(model.parameters()).device)
-    points, confidence = decode_heatmaps(model(x).float().cpu())
+    maps = model(x).float().cpu()
+    weights = None
+    if payload.get("prior_mean_grid") is not None and payload["arch"].get("prior_sigma_px"):
+        weights = position_prior(torch.tensor(payload["prior_mean_grid"], dtype=torch.float32), maps.shape[-2:],
+                                 payload["arch"]["prior_sigma_px"])
+    points, confidence = decode_heatmaps(maps, weights=weights)
     return lb.from_grid(points[0].numpy()), confidence[0].numpy()
 
 
@@ -146,7 +161,7 @@ def evaluate_detector(model_path: str | os.PathLike[str], views: Sequence[Landma
     names = payload["arch"]["names"]
     rows = []
     for v in views:
-        found, confidence = detect(model, v.image, v.letterbox)
+        found, confidence = detect(model, payload, v.image, v.letterbox)
         for k, name in enumerate(names):
             if not np.isfinite(v.truth[k]).all():
                 continue

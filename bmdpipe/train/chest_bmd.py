@@ -120,7 +120,7 @@ def load_chest_views(patients: Sequence[str], targets_root: str | os.PathLike[st
             points = confidence = None
             if model is not None:
                 grid, lb = letterbox(image, payload["arch"]["size"])
-                points, confidence = detect(model, grid, lb)
+                points, confidence = detect(model, payload, grid, lb)
             out.append(ChestView(p, view, chest_inputs(image, size, kinds, points), labels[p],
                                  np.zeros(0, np.float32) if confidence is None else confidence.astype(np.float32)))
     return out

@@ -97,6 +97,9 @@ class LocaliserSettings:
             :func:`bmdpipe.models.landmarks.heatmap_loss`).
         epochs, batch_size, lr, weight_decay, restart_epochs: AdamW with cosine warm restarts.
         augment: :class:`bmdpipe.train.data.Augment` keys (image and heatmaps move together).
+        prior_sigma_px: seed 000's landmark detector only (:func:`bmdpipe.train.chest.detect`): each
+            landmark is the peak of its map times a Gaussian of this SD (grid pixels) around its mean place
+            on the training radiographs; 0 = the plain peak.
     """
 
     size: int = 96
@@ -110,6 +113,7 @@ class LocaliserSettings:
     restart_epochs: int = 100
     augment: dict[str, Any] = field(default_factory=lambda: {
         "rotate_deg": 8, "scale": 0.1, "translate": 0.08, "brightness": 0.3, "contrast": 0.3, "hflip": True})
+    prior_sigma_px: float = 0.0
 
 
 @dataclass(frozen=True)
