@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from bmdpipe import __version__, tscore
+from bmdpipe.evaluate import metrics
 from bmdpipe.evaluate.bmd import SEED000_METHODS, cross_vertebra_errors, method_key, patient_level_bins, patient_means
 from bmdpipe.evaluate.robustness import JPEG_TAG, LOCALISER_TAG, VARIANT
 from bmdpipe.io.atomic import atomic_path
@@ -282,14 +283,8 @@ def results_section(results: Path) -> str:
                 lims = [min(g.truth.min(), g.pred.min()), max(g.truth.max(), g.pred.max())]
                 ax.plot(lims, lims, "k--", lw=0.8)
             ax.set(title=m, xlabel=f"{main} label", ylabel="predicted")
-            ax = axes[1, i]
-            mean, diff = (g.truth + g.pred) / 2, g.pred - g.truth
-            ax.scatter(mean, diff, s=8)
-            if len(g) > 2:
-                bias, sd = diff.mean(), diff.std(ddof=1)
-                for y, style in ((bias, "-"), (bias - 1.96 * sd, "--"), (bias + 1.96 * sd, "--")):
-                    ax.axhline(y, color="r", ls=style, lw=0.8)
-            ax.set(xlabel="mean of label and prediction", ylabel="prediction − label")
+            bland_altman_axes(axes[1, i], g.truth.to_numpy(), g.pred.to_numpy(), s=8)
+            axes[1, i].set(xlabel="mean of label and prediction", ylabel="prediction − label")
         parts.append(f"<h3>Scatter and Bland–Altman plots ({html.escape(main)})</h3>"
                      + _img(_png(fig), f"{main}: scatter (top) and Bland–Altman (bottom) per method"))
     examples = results / "models" / "decomposition" / "fold0" / "bmd" / "examples.npz"
@@ -433,6 +428,18 @@ def chest_landmarks_section(results: Path) -> str:
 COMPARED_METHODS = ("decomposition", "decomposition+regression", "baseline")
 
 
+def bland_altman_axes(ax, truth: np.ndarray, pred: np.ndarray, **scatter) -> dict[str, float]:
+    """Bland–Altman plot of ``pred`` against ``truth`` on ``ax``: the points, the bias and the ±1.96 SD limits
+    (:func:`bmdpipe.evaluate.metrics.bland_altman`, returned; empty with fewer than 3 pairs, no lines)."""
+    ax.scatter((truth + pred) / 2, pred - truth, **scatter)
+    if len(truth) < 3:
+        return {}
+    ba = metrics.bland_altman(truth, pred)
+    for y, style in ((ba["bias"], "-"), (ba["loa_lower"], "--"), (ba["loa_upper"], "--")):
+        ax.axhline(y, color="r", ls=style, lw=0.8)
+    return ba
+
+
 def featured_method(methods: Sequence[str]) -> str | None:
     """The seed 000 model its figures show: AttMultiROI (the paper's), else the first variant trained."""
     return "AttMultiROI" if "AttMultiROI" in methods else (methods[0] if methods else None)
@@ -462,9 +469,6 @@ def seed000_figures(results: Path, samples: pd.DataFrame, reference: Any, method
         x, y = g.truth.to_numpy(), g.pred.to_numpy()
         slope, intercept = np.polyfit(x, y, 1)
         r2 = float(np.corrcoef(x, y)[0, 1] ** 2)
-        mean, diff = (x + y) / 2, y - x
-        bias, sd = float(diff.mean()), float(diff.std(ddof=1))
-        outside = int((np.abs(diff - bias) > 1.96 * sd).sum())
         fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
         axes[0].scatter(x, y, s=10)
         lims = np.array([min(x.min(), y.min()), max(x.max(), y.max())])
@@ -473,11 +477,10 @@ def seed000_figures(results: Path, samples: pd.DataFrame, reference: Any, method
                      label=f"y = {slope:.2f} x + {intercept:.2f}, R² = {r2:.3f}")
         axes[0].legend(fontsize=7)
         axes[0].set(xlabel=f"DXA {site} (g/cm²)", ylabel=f"{method} (g/cm²)")
-        axes[1].scatter(mean, diff, s=10)
-        for yy, style in ((bias, "-"), (bias - 1.96 * sd, "--"), (bias + 1.96 * sd, "--")):
-            axes[1].axhline(yy, color="r", ls=style, lw=0.8)
+        ba = bland_altman_axes(axes[1], x, y, s=10)
+        outside = int(((y - x < ba["loa_lower"]) | (y - x > ba["loa_upper"])).sum())
         axes[1].set(xlabel="mean of DXA and prediction (g/cm²)", ylabel="prediction − DXA (g/cm²)",
-                    title=f"bias {bias:+.3f}, SD {sd:.3f}; {outside} of {len(diff)} beyond ±1.96 SD", )
+                    title=f"bias {ba['bias']:+.3f}, SD {ba['sd']:.3f}; {outside} of {len(x)} beyond ±1.96 SD")
         axes[1].title.set_fontsize(8)
         fig.tight_layout()
         parts.append(f"<h3>Seed 000 Fig. 5: {html.escape(method)} at {html.escape(site)}</h3>"
@@ -523,7 +526,7 @@ def seed000_figures(results: Path, samples: pd.DataFrame, reference: Any, method
     return "".join(parts)
 
 
-def chest_bmd_section(results: Path, samples: pd.DataFrame | None = None) -> str:
+def chest_bmd_section(results: Path, samples: pd.DataFrame) -> str:
     """Seed 000's models: Table I (R, RMSE, AUC per vertebra and their average, every variant beside seed 004's
     methods on the same held-out patients), Tables II and III (sensitivity and specificity at the unified
     T-score thresholds and Flex, per vertebra and per patient), and what each fold trained or skipped."""
@@ -575,9 +578,7 @@ def chest_bmd_section(results: Path, samples: pd.DataFrame | None = None) -> str
                      + _table(pd.DataFrame(screen_rows, columns=["method", "vertebra",
                                                                  *(f"T ≤ {k}" if k != "flex" else "Flex"
                                                                    for k in labels)])))
-    if samples is not None:
-        parts.append(seed000_figures(results, samples, figures.get("tscore_reference", tscore.DEFAULT_REFERENCE),
-                                     ours))
+    parts.append(seed000_figures(results, samples, figures.get("tscore_reference", tscore.DEFAULT_REFERENCE), ours))
     fold_rows = []
     for d in folds:
         for v in d.get("variants", []):

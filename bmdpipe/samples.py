@@ -50,18 +50,23 @@ def _numeric_columns(schema: dict[str, Any], columns: list[str]) -> list[str]:
     return [c for c in columns if c in numeric]
 
 
-def read_sheet(path: str | os.PathLike[str]) -> pd.DataFrame:
-    """Read a TSV (``.tsv``, ``.txt``) or CSV (``.csv``) sheet as strings, blanks as missing."""
-    p = Path(path)
+def _read_delimited(p: Path, what: str, missing: str) -> pd.DataFrame:
+    """A TSV (``.tsv``, ``.txt``) or CSV (``.csv``) table as stripped strings (blanks ""); ``what`` names it in
+    errors, ``missing`` says what to do when the file does not exist."""
     if not p.exists():
-        raise ConfigError(f"{p}: samples sheet not found; set cohort.samples in the config to an existing TSV or CSV file")
+        raise ConfigError(f"{p}: {what} not found; {missing}")
     sep = "," if p.suffix.lower() == ".csv" else "\t"
     try:
         df = pd.read_csv(p, sep=sep, dtype=str, keep_default_na=False, comment=None)
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p}: cannot parse the samples sheet as {'CSV' if sep == ',' else 'TSV'}: {exc}") from None
+        raise ConfigError(f"{p}: cannot parse the {what} as {'CSV' if sep == ',' else 'TSV'}: {exc}") from None
     df.columns = [c.strip() for c in df.columns]
-    df = df.apply(lambda col: col.str.strip())
+    return df.apply(lambda col: col.str.strip())
+
+
+def read_sheet(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read a TSV (``.tsv``, ``.txt``) or CSV (``.csv``) sheet as strings, blanks as missing."""
+    df = _read_delimited(Path(path), "samples sheet", "set cohort.samples in the config to an existing TSV or CSV file")
     return df.replace("", pd.NA)
 
 
@@ -240,15 +245,8 @@ def read_landmark_table(path: str | os.PathLike[str], samples: pd.DataFrame | No
     from bmdpipe.chest_landmarks import LANDMARKS
 
     p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"{p}: landmark table not found; set cohort.landmarks to an existing TSV or CSV file "
-                          "(or to null when no landmarks were placed by hand)")
-    sep = "," if p.suffix.lower() == ".csv" else "\t"
-    try:
-        df = pd.read_csv(p, sep=sep, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p}: cannot parse the landmark table as {'CSV' if sep == ',' else 'TSV'}: {exc}") from None
-    df.columns = [c.strip() for c in df.columns]
+    df = _read_delimited(p, "landmark table", "set cohort.landmarks to an existing TSV or CSV file (or to null when "
+                         "no landmarks were placed by hand)")
     missing = [c for c in LANDMARK_COLUMNS if c not in df.columns]
     if missing:
         raise ConfigError(f"{p}: column(s) {', '.join(missing)} missing; a landmark table has the columns "
@@ -257,7 +255,7 @@ def read_landmark_table(path: str | os.PathLike[str], samples: pd.DataFrame | No
     views = None if samples is None else set(zip(samples.patient_id.astype(str), samples.view.astype(str)))
     out: dict[tuple[str, str], Any] = {}
     seen: dict[tuple[str, str, str], int] = {}
-    for i, row in enumerate(df[list(LANDMARK_COLUMNS)].apply(lambda col: col.str.strip()).itertuples(index=False)):
+    for i, row in enumerate(df[list(LANDMARK_COLUMNS)].itertuples(index=False)):
         where = _where(p, i)
         key = (row.patient_id, row.view)
         if row.landmark not in index:
