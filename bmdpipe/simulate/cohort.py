@@ -7,7 +7,8 @@ Layout under ``out_dir``::
     labels/{pid}.nii.gz            bone label map, only for patients listed with labels in the sheet
     labels/structures.csv          its value → name table
     truth/{pid}.json               the record, derived truth (aBMD, vBMD, QCT, per-view ROIs and stats)
-    truth/{pid}.npz                bone DRRs (g/cm²) per view, ``bone_drr_{view}`` (rows, cols) float32
+    truth/{pid}.npz                bone DRRs (g/cm²) per view, ``bone_drr_{view}`` (rows, cols) float32, and
+                                   L1's alone, ``l1_drr_{view}`` (seed 004's ROI target)
     truth/labels_{base}[_e{seed}].nii.gz  label map of each base anatomy or elastic variant of it (the
                                    patients' CT grids; see truth/{pid}.json "labels")
     samples.tsv                    the samples sheet (paths relative to out_dir)
@@ -92,7 +93,8 @@ def render_patient(record: dict[str, Any], base: BaseAnatomy, *, device: str = "
 
     Returns:
         ``views``: per view ``stored`` (uint16 (rows, cols)), ``bits``, ``photometric``,
-        ``bone_drr`` (float32 (rows, cols), g/cm²), ``soft`` (g/cm²), ``log``, ``processed``
+        ``bone_drr`` (float32 (rows, cols), g/cm²), ``l1_drr`` (the same of L1's mineral alone; None
+        without L1), ``soft`` (g/cm²), ``log``, ``processed``
         ((rows, cols) float32 in [0, 1]) and ``stats``; ``ct`` (HU (z, y, x) float32) and
         ``truth`` (JSON-ready dict).
     """
@@ -123,6 +125,9 @@ def render_patient(record: dict[str, Any], base: BaseAnatomy, *, device: str = "
     cams = [render.view_camera(record["views"][v], res, iso, dev) for v in view_names]
     with torch.no_grad():
         a_w, a_ha = render.line_integrals(maps, base, cams, float(res["ray_step_mm"]), dev)
+        # L1's mineral alone (seed 004's ROI target; its ROI mean is V4's estimate of the true aBMD)
+        a_l1 = (render.vertebra_drr(maps, base, cams, float(res["ray_step_mm"]), dev, "L1")
+                if "L1" in base.vertebrae else None)
         views: dict[str, Any] = {}
         for i, v in enumerate(view_names):
             view, cam = record["views"][v], cams[i]
@@ -132,10 +137,11 @@ def render_patient(record: dict[str, Any], base: BaseAnatomy, *, device: str = "
             stored, bits, photometric = render.encode(proc_np, view["display"])
             boxes = render.roi_boxes(base, maps, cam)
             bone = a_ha[i].cpu().numpy().astype(np.float32)
+            l1 = a_l1[i].cpu().numpy().astype(np.float32) if a_l1 is not None else None
             log = sig["log"].cpu().numpy()
-            stats = _view_stats(sig, boxes, bone, log, stored, bits, photometric, view)
+            stats = _view_stats(sig, boxes, bone, log, stored, bits, photometric, view, l1)
             views[v] = {"stored": stored, "bits": bits, "photometric": photometric, "bone_drr": bone,
-                        "soft": a_w[i].cpu().numpy().astype(np.float32), "log": log, "processed": proc_np,
+                        "l1_drr": l1, "soft": a_w[i].cpu().numpy().astype(np.float32), "log": log, "processed": proc_np,
                         "stats": stats, "geometry": _geometry(cam, iso)}
 
     out["views"] = views
@@ -152,7 +158,8 @@ def _geometry(cam: dict[str, Any], iso: np.ndarray) -> dict[str, Any]:
 
 
 def _view_stats(sig: dict[str, Any], boxes: dict[str, list[int]], bone: np.ndarray, log: np.ndarray,
-                stored: np.ndarray, bits: int, photometric: str, view: dict[str, Any]) -> dict[str, Any]:
+                stored: np.ndarray, bits: int, photometric: str, view: dict[str, Any],
+                l1: np.ndarray | None = None) -> dict[str, Any]:
     spr = sig["spr"].cpu().numpy()
     rel = sig["relative"].cpu().numpy()
     n0 = view["acquisition"]["n0_native"]
@@ -169,6 +176,8 @@ def _view_stats(sig: dict[str, Any], boxes: dict[str, list[int]], bone: np.ndarr
             "spr": render.roi_mean(spr, box),
             "quanta_native_pixel": n0 * render.roi_mean(rel, box),
         }
+    if l1 is not None and "L1" in boxes:
+        stats["L1"]["l1_drr_mean_g_cm2"] = render.roi_mean(l1, boxes["L1"])
     return stats
 
 
@@ -285,7 +294,9 @@ def simulate_patient(record: dict[str, Any], base: BaseAnatomy, out_dir: str | o
         _write_label_table(base, out / "labels" / "structures.csv")
     with atomic_path(out / "truth" / f"{pid}.npz") as tmp:
         with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, **{f"bone_drr_{v}": r["bone_drr"] for v, r in sim["views"].items()})
+            arrays = {f"bone_drr_{v}": r["bone_drr"] for v, r in sim["views"].items()}
+            arrays.update({f"l1_drr_{v}": r["l1_drr"] for v, r in sim["views"].items() if r["l1_drr"] is not None})
+            np.savez_compressed(fh, **arrays)
     sim["truth"]["labels"] = {
         "file": f"truth/{base_labels.name}",
         "note": "the patient's label map is this array (the base anatomy or its elastic variant; mirrored "

@@ -236,14 +236,41 @@ def project_points(world_pts: np.ndarray, cam: dict[str, Any]) -> np.ndarray:
 def line_integrals(maps: dict[str, Any], base: BaseAnatomy, cams: list[dict[str, Any]], step_mm: float,
                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Cone-beam line integrals of both materials with nanodrr, g/cm², each (V, rows, cols)."""
-    from nanodrr.data import Subject
-
     crop = render_crop(base, maps)
-    offset = np.array([crop[2].start, crop[1].start, crop[0].start], dtype=np.float64)
     if maps["mirrored"]:
         nx = base.shape[2]
-        offset[0] = nx - crop[2].stop
         crop = (crop[0], crop[1], slice(nx - crop[2].stop, nx - crop[2].start))
+    a_w, a_ha = _project([maps["rho_w"][crop], maps["rho_ha"][crop]], crop, base, maps, cams, step_mm, device)
+    return a_w, a_ha
+
+
+def vertebra_drr(maps: dict[str, Any], base: BaseAnatomy, cams: list[dict[str, Any]], step_mm: float,
+                 device: torch.device, vertebra: str = "L1") -> torch.Tensor:
+    """Cone-beam line integrals of one vertebra's mineral alone, g/cm² HA, (V, rows, cols).
+
+    The projection of the (dilated) vertebra label that defines its true aBMD (SIMULATOR.md §3.1),
+    in the pose of each view: seed 004's ROI target, without the neighbours' bone (T12's
+    posterior elements overlap L1's body in an AP view). Rendered from a crop around the vertebra,
+    so it costs a small fraction of :func:`line_integrals`.
+    """
+    vmask = maps["vert_index"] == base.vertebrae.index(vertebra) + 1
+    idx = np.nonzero(vmask)
+    # 2 voxels of margin: the sampler interpolates across the mask's border
+    crop = tuple(slice(max(0, int(i.min()) - 2), min(n, int(i.max()) + 3)) for i, n in zip(idx, vmask.shape))
+    vol = np.where(vmask[crop], maps["rho_ha"][crop], np.float32(0.0)).astype(np.float32)
+    return _project([vol], crop, base, maps, cams, step_mm, device)[0]
+
+
+def _project(volumes: list[np.ndarray], crop: tuple[slice, slice, slice], base: BaseAnatomy,
+             maps: dict[str, Any], cams: list[dict[str, Any]], step_mm: float,
+             device: torch.device) -> list[torch.Tensor]:
+    """nanodrr line integrals (g/cm², each (V, rows, cols)) of density volumes (g/cm³, (z, y, x)).
+
+    ``crop``: where the volumes lie in the patient's (mirrored, if so) map grid, z, y, x slices.
+    """
+    from nanodrr.data import Subject
+
+    offset = np.array([crop[2].start, crop[1].start, crop[0].start], dtype=np.float64)
     v2w = voxel_to_world(base, maps["spacing"])
     v2w_crop = v2w.copy()
     v2w_crop[:3, 3] = v2w[:3, :3] @ offset + v2w[:3, 3]
@@ -253,17 +280,17 @@ def line_integrals(maps: dict[str, Any], base: BaseAnatomy, cams: list[dict[str,
     rt_inv = torch.cat([cam["rt_inv"] for cam in cams], dim=0)
     drr = batched_drr(cams, device)
     out = []
-    extent = np.array(maps["rho_w"][crop].shape[::-1]) * np.array(maps["spacing"])
+    extent = np.array(volumes[0].shape[::-1]) * np.array(maps["spacing"])
     # rays run close to the AP (y) axis: the clipped ray length is about the y extent (pose ≤ 5°, cone ≤ 7°)
     n_samples = int(math.ceil(1.05 * float(extent[1]) / step_mm))
-    for name in ("rho_w", "rho_ha"):
-        vol = torch.from_numpy(np.ascontiguousarray(maps[name][crop])).to(device)[None, None]
+    for arr in volumes:
+        vol = torch.from_numpy(np.ascontiguousarray(arr)).to(device)[None, None]
         label = torch.zeros((1, 1, 1, 1, 1), dtype=torch.float32, device=device).expand_as(vol)
         subj = Subject(vol, label, v2w_t.to(device), w2v.to(device), Subject._make_voxel_to_grid(vol.shape).to(device),
                        torch.zeros(3, device=device), max_label=0, convert_to_mu=False)
         img = drr(subj, rt_inv, n_samples=n_samples)  # (V, 1, rows, cols), g/cm³·mm
         out.append(img[:, 0] * 0.1)
-    return out[0], out[1]
+    return out
 
 
 def gaussian_blur(img: torch.Tensor, sigma_px: float) -> torch.Tensor:
