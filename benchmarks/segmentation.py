@@ -2,6 +2,7 @@
 
     python benchmarks/segmentation.py [--patients 44] [--seed 11] [--cohort DIR] [--threads 1]
                                       [--train N] [--epochs N] [--mc-samples N] [--max-test N]
+                                      [--grids N [N ...]]
 
 Simulates a cohort (bmdpipe.simulate, default settings; or uses --cohort, a
 folder the simulator wrote), trains the segmentation U-Net
@@ -15,6 +16,8 @@ the AUROC of the uncertainty map (predictive entropy; mutual information
 beside it) as a score for "voxel misclassified", over voxels within 5 mm of
 bone (truth or predicted) and over the whole field. Also the training
 seconds, the inference seconds per patient (median) and the machine.
+With several --grids (e.g. 1 2), every held-out patient is segmented once per
+number of shifted working grids, by the same model and the same MC passes in all.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="training epochs (default: the U-Net's default)")
     parser.add_argument("--mc-samples", type=int, help="MC-dropout passes (default: the U-Net's default)")
     parser.add_argument("--max-test", type=int, help="segment at most this many held-out patients")
+    parser.add_argument("--grids", type=int, nargs="+",
+                        help="shifted working grids at inference, one evaluation per value (default: the U-Net's)")
     parser.add_argument("--model-dir", help="keep the trained model here; one already there (model.pt) is reused")
     args = parser.parse_args()
 
@@ -84,24 +89,36 @@ def main() -> None:
               f"loss {summary['loss_per_epoch'][0]:.3f} -> {summary['loss_per_epoch'][-1]:.3f}")
         model = load_segmenter(model_dir)
         table = read_label_table(root / "labels" / "structures.csv")
-        rows = []
+        grid_counts = args.grids or [settings.inference_grids]
+        rows: dict[int, list[dict]] = {g: [] for g in grid_counts}
+        infos = {}
         for pid in held_out:
             ct, _ = read_ct(root / "ct" / pid)
-            t0 = time.perf_counter()
-            pred, unc, info = predict(model, ct, mc_samples=args.mc_samples, with_mutual_information=True)
-            seconds = time.perf_counter() - t0
             truth, _ = labels_from_map(truth_labels(root, pid), table, ct)
-            ev = evaluate(pred, truth, unc, settings.vertebrae)
-            mi = sitk.GetImageFromArray(info["mutual_information"])
-            mi.CopyInformation(ct)
-            ev_mi = evaluate(pred, truth, mi, settings.vertebrae)
-            rows.append({**ev, "auroc_band_mi": ev_mi["auroc_band"], "seconds": seconds})
-            dice = " ".join(f"{v} {d:.3f}" for v, d in ev["dice"].items())
-            print(f"  {pid}: Dice {dice}, bone {ev['dice_bone']:.3f}; AUROC band {ev['auroc_band']:.3f} "
-                  f"(MI {ev_mi['auroc_band']:.3f}), field {ev['auroc_field']:.3f}; {seconds:.1f} s", flush=True)
+            for g in grid_counts:
+                t0 = time.perf_counter()
+                pred, unc, info = predict(model, ct, mc_samples=args.mc_samples, grids=g, with_mutual_information=True)
+                seconds = time.perf_counter() - t0
+                infos[g] = info
+                ev = evaluate(pred, truth, unc, settings.vertebrae)
+                mi = sitk.GetImageFromArray(info["mutual_information"])
+                mi.CopyInformation(ct)
+                ev_mi = evaluate(pred, truth, mi, settings.vertebrae)
+                rows[g].append({**ev, "auroc_band_mi": ev_mi["auroc_band"], "seconds": seconds})
+                dice = " ".join(f"{v} {d:.3f}" for v, d in ev["dice"].items())
+                print(f"  {pid} ({info['grids']} grid(s)): Dice {dice}, bone {ev['dice_bone']:.3f}; AUROC band "
+                      f"{ev['auroc_band']:.3f} (MI {ev_mi['auroc_band']:.3f}), field {ev['auroc_field']:.3f}; "
+                      f"{seconds:.1f} s", flush=True)
 
-    print(f"\nheld-out patients: {len(rows)}; MC samples {info['mc_samples']}; "
-          f"working grid {info['working_spacing_mm']} mm (x, y, z)")
+    for g in grid_counts:
+        _summary(rows[g], infos[g], settings)
+    print(f"train {summary['train_seconds']:.0f} s (+ {summary['prepare_seconds']:.0f} s preparing "
+          f"{len(cases)} patients)")
+
+
+def _summary(rows: list[dict], info: dict, settings) -> None:
+    print(f"\nheld-out patients: {len(rows)}; MC samples {info['mc_samples']} over {info['grids']} working grid(s) "
+          f"of {info['working_spacing_mm']} mm (x, y, z)")
     for v in settings.vertebrae:
         d = np.array([r["dice"][v] for r in rows if v in r["dice"]])
         if d.size:
@@ -115,9 +132,7 @@ def main() -> None:
         a = np.array([r[key] for r in rows])
         print(f"AUROC ({what}): mean {np.nanmean(a):.3f}, min {np.nanmin(a):.3f}")
     print(f"error fraction in the band: mean {np.mean([r['error_fraction_band'] for r in rows]):.3f}")
-    print(f"train {summary['train_seconds']:.0f} s (+ {summary['prepare_seconds']:.0f} s preparing "
-          f"{len(cases)} patients); inference {statistics.median(r['seconds'] for r in rows):.1f} s per patient "
-          f"(median)")
+    print(f"inference {statistics.median(r['seconds'] for r in rows):.1f} s per patient (median)")
 
 
 if __name__ == "__main__":

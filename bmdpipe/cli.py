@@ -51,7 +51,7 @@ def _cmd_segment(args: argparse.Namespace) -> None:
         raise InputError("--labels and --label-table go together")
     method = "supplied" if args.labels else "unet" if args.model else "threshold"
     summary = segment_ct(args.ct, args.out, method=method, labels=args.labels, label_table=args.label_table,
-                         model_dir=args.model, mc_samples=args.mc_samples, device=args.device)
+                         model_dir=args.model, mc_samples=args.mc_samples, grids=args.grids, device=args.device)
     print(json.dumps({k: summary.get(k) for k in ("method", "classes_present", "uncertainty", "status")}))
 
 
@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="a label map in any scheme (with --label-table): translated and resampled")
     p.add_argument("--label-table", help="value → name table of --labels (value,name or TotalSegmentator's id,structure)")
     p.add_argument("--model", help="a trained segmenter folder (bmdpipe train-segmenter): U-Net with MC dropout")
-    p.add_argument("--mc-samples", type=int, help="MC-dropout passes (default: the model's)")
+    p.add_argument("--mc-samples", type=int, help="MC-dropout passes, all grids together (default: the model's)")
+    p.add_argument("--grids", type=int, help="shifted working grids the passes are spread over (default: the model's)")
     p.add_argument("--device", default="cpu", help="torch device of the U-Net: cpu, cuda, auto (default cpu)")
     p.set_defaults(func=_cmd_segment)
 

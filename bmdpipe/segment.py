@@ -223,6 +223,7 @@ def segment_ct(
     extra_names: Mapping[str, str] | None = None,
     threshold_hu: float = 150.0,
     mc_samples: int | None = None,
+    grids: int | None = None,
     device: str = "cpu",
     tags: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -238,6 +239,7 @@ def segment_ct(
         extra_names: structure name → bmdpipe name for schemes other than TotalSegmentator's.
         threshold_hu: bone threshold of the fallback.
         mc_samples: MC-dropout passes (default: the model's).
+        grids: shifted working grids the passes are spread over (default: the model's).
         device: torch device of the U-Net (``cpu``, ``cuda``, ``auto``).
         tags: extra summary fields (e.g. ``patient_id``).
 
@@ -280,9 +282,9 @@ def segment_ct(
         if model_dir is None:
             raise InputError("segmentation method 'unet' needs a trained model folder")
         model = segment_unet.load_segmenter(model_dir, device=device)
-        seg, unc, info = segment_unet.predict(model, ct, mc_samples=mc_samples)
+        seg, unc, info = segment_unet.predict(model, ct, mc_samples=mc_samples, grids=grids)
         unc_arr = sitk.GetArrayViewFromImage(unc)
-        extra.update({"model": model.meta, "mc_samples": info["mc_samples"],
+        extra.update({"model": model.meta, "mc_samples": info["mc_samples"], "grids": info["grids"],
                       "working_spacing_mm": info["working_spacing_mm"], "network_seconds": info["network_seconds"]})
     elif method == "threshold":
         seg, info = threshold_bone(ct, threshold_hu=threshold_hu)

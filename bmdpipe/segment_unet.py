@@ -82,7 +82,11 @@ class UNetSettings:
         learning_rate: AdamW learning rate (cosine-annealed over the epochs).
         vertebra_slice_fraction: share of training slices drawn from slices that
             hold a listed vertebra, weighted by its voxels there (the rest uniformly).
-        mc_samples: stochastic passes at inference.
+        mc_samples: stochastic passes at inference (all grids together).
+        inference_grids: working grids at inference, offset from each other by a
+            fraction of a voxel along every axis (1/n apart); their mean softmax on the CT
+            grid places the boundaries finer than one grid's 2 mm pixels. The MC passes
+            are spread over them, so the cost stays that of ``mc_samples`` passes.
         largest_component: keep each vertebra's largest connected part (others become ``bone``).
         seed: seeds training and the MC passes.
     """
@@ -102,6 +106,7 @@ class UNetSettings:
     learning_rate: float = 3e-3
     vertebra_slice_fraction: float = 0.8
     mc_samples: int = 8
+    inference_grids: int = 2
     largest_component: bool = True
     seed: int = 0
 
@@ -141,6 +146,15 @@ class UNetSettings:
         return size_multiple(self.channels, self.full_resolution_level)
 
 
+#: ``segment.unet`` keys that only change inference: not part of a training rule's params.
+INFERENCE_KEYS = ("mc_samples", "inference_grids")
+
+
+def training_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``segment.unet`` config without :data:`INFERENCE_KEYS` (what training depends on)."""
+    return {k: v for k, v in dict(cfg).items() if k not in INFERENCE_KEYS}
+
+
 # --------------------------------------------------------------------------- class maps
 
 
@@ -162,11 +176,13 @@ def from_classes(classes: np.ndarray, vertebrae: Sequence[str]) -> np.ndarray:
 # --------------------------------------------------------------------------- working grid
 
 
-def working_grid(ct: sitk.Image, settings: UNetSettings) -> sitk.Image:
+def working_grid(ct: sitk.Image, settings: UNetSettings, shift: float = 0.0) -> sitk.Image:
     """An empty reference image: identity direction, spacing ``(slice_spacing_mm, spacing_mm, spacing_mm)``.
 
     It covers ``ct``'s box; its y and z sizes are rounded up to a multiple of
     :attr:`UNetSettings.multiple`, the extra voxels split evenly on both sides.
+    ``shift`` (voxels, |shift| ≤ 0.5) moves the grid along every axis; a shifted grid
+    is one voxel larger, so that it still covers the box.
     """
     spacing = np.array([settings.slice_spacing_mm, settings.spacing_mm, settings.spacing_mm])
     size = np.array(ct.GetSize())
@@ -174,9 +190,9 @@ def working_grid(ct: sitk.Image, settings: UNetSettings) -> sitk.Image:
                         for ijk in np.ndindex(2, 2, 2)])
     half = 0.5 * np.abs(np.array(ct.GetDirection()).reshape(3, 3) @ np.array(ct.GetSpacing()))
     lo, hi = corners.min(axis=0) - half, corners.max(axis=0) + half
-    n = np.ceil((hi - lo) / spacing).astype(int)
+    n = np.ceil((hi - lo) / spacing).astype(int) + (1 if shift else 0)
     n[1:] = np.ceil(n[1:] / settings.multiple) * settings.multiple
-    origin = (lo + hi) / 2 - (n - 1) / 2 * spacing
+    origin = (lo + hi) / 2 - (n - 1) / 2 * spacing + shift * spacing
     ref = sitk.Image([int(v) for v in n], sitk.sitkFloat32)
     ref.SetSpacing([float(v) for v in spacing])
     ref.SetOrigin([float(v) for v in origin])
@@ -521,72 +537,84 @@ def load_segmenter(model_dir: str | os.PathLike[str], *, device: str = "cpu") ->
     return Segmenter(model.to(dev), settings, dev, meta)
 
 
-def predict(seg: Segmenter, ct: sitk.Image, *, mc_samples: int | None = None, batch_slices: int = 16,
-            with_mutual_information: bool = False) -> tuple[sitk.Image, sitk.Image, dict[str, Any]]:
-    """Segment a CT with MC dropout.
+def predict(seg: Segmenter, ct: sitk.Image, *, mc_samples: int | None = None, grids: int | None = None,
+            batch_slices: int = 16, with_mutual_information: bool = False,
+            ) -> tuple[sitk.Image, sitk.Image, dict[str, Any]]:
+    """Segment a CT with MC dropout on one or more shifted working grids.
 
     Args:
         seg: the loaded model.
         ct: CT in HU, any grid and direction.
-        mc_samples: stochastic passes (default: the model's ``mc_samples``).
+        mc_samples: stochastic passes, all grids together (default: the model's ``mc_samples``),
+            shared out as evenly as they go.
+        grids: working grids, shifted by ``1 / grids`` of a voxel from each other along every
+            axis (default: the model's ``inference_grids``; at most ``mc_samples``).
         batch_slices: sagittal slices per network call.
-        with_mutual_information: also return the mutual information map (nats,
-            float32 on the CT grid) under ``"mutual_information"`` in the info dict.
+        with_mutual_information: also return the mutual information map (nats, float32 on
+            the CT grid; the mean of the grids' maps) under ``"mutual_information"`` in the info dict.
 
     Returns:
         ``(labels, uncertainty, info)``: labels uint8 in :data:`BONE_LABELS` on the CT
-        grid; uncertainty float32 on the CT grid, the predictive entropy (nats) of
-        the mean softmax interpolated to the CT grid; info: ``seconds``, ``mc_samples``,
-        ``spacing_mm``.
+        grid, the argmax of the mean softmax of all passes interpolated to the CT grid; uncertainty
+        float32 on the CT grid, the predictive entropy (nats) of that mean; info:
+        ``seconds``, ``network_seconds``, ``mc_samples`` (passes run), ``grids``,
+        ``working_spacing_mm``.
     """
     from bmdpipe.models.segmentation import enable_mc_dropout, mc_dropout_predict
 
     s = seg.settings
     n = int(mc_samples or s.mc_samples)
+    g = max(1, min(n, int(grids or s.inference_grids)))
     t0 = time.perf_counter()
-    ref = working_grid(ct, s)
-    volume = to_working(ct, ref)
-    n_classes = len(s.class_names)
-    prob = np.zeros((n_classes, *volume.shape), np.float32)
-    prob[0] = 1.0  # slices without body: background
-    mi = np.zeros(volume.shape, np.float32)
-    body = np.flatnonzero((volume > AIR_BODY).any(axis=(0, 1)))
     enable_mc_dropout(seg.model)
-    for k, start in enumerate(range(0, body.size, batch_slices)):
-        xs = body[start:start + batch_slices]
-        x = torch.from_numpy(sagittal_stack(volume, xs, s.context_slices)).to(seg.device)
-        with torch.autocast(seg.device.type, enabled=seg.device.type == "cuda"):
-            out = mc_dropout_predict(seg.model, x, n, generator_seed=s.seed + k)
-        prob[:, :, :, xs] = np.moveaxis(out["probability"].float().cpu().numpy(), 0, -1)
-        mi[:, :, xs] = np.moveaxis(out["mutual_information"].float().cpu().numpy(), 0, -1)
-    net_s = time.perf_counter() - t0
-
-    def on_ct(arr: np.ndarray) -> np.ndarray:
-        img = sitk.GetImageFromArray(np.ascontiguousarray(arr, dtype=np.float32))
-        img.CopyInformation(ref)
-        return sitk.GetArrayFromImage(sitk.Resample(img, ct, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32))
-
-    best = best_p = ent = None
-    for c in range(prob.shape[0]):
-        p = on_ct(prob[c])
-        if best is None:
-            best, best_p = np.zeros(p.shape, np.uint8), p.copy()
-            ent = np.zeros(p.shape, np.float32)
-        else:
-            better = p > best_p
-            best[better], best_p[better] = c, p[better]
-        ent -= p * np.log(np.clip(p, 1e-8, None))
+    n_classes = len(s.class_names)
+    size = ct.GetSize()[::-1]
+    prob_ct = np.zeros((n_classes, *size), np.float32)
+    mi_ct = np.zeros(size, np.float32) if with_mutual_information else None
+    net_s = 0.0
+    for gi in range(g):
+        passes = n // g + (1 if gi < n % g else 0)
+        ref = working_grid(ct, s, shift=(gi + 0.5) / g - 0.5)
+        volume = to_working(ct, ref)
+        prob = np.zeros((n_classes, *volume.shape), np.float32)
+        prob[0] = 1.0  # slices without body: background
+        mi = np.zeros(volume.shape, np.float32)
+        body = np.flatnonzero((volume > AIR_BODY).any(axis=(0, 1)))
+        t1 = time.perf_counter()
+        for k, start in enumerate(range(0, body.size, batch_slices)):
+            xs = body[start:start + batch_slices]
+            x = torch.from_numpy(sagittal_stack(volume, xs, s.context_slices)).to(seg.device)
+            with torch.autocast(seg.device.type, enabled=seg.device.type == "cuda"):
+                out = mc_dropout_predict(seg.model, x, passes, generator_seed=s.seed + 7919 * gi + k)
+            prob[:, :, :, xs] = np.moveaxis(out["probability"].float().cpu().numpy(), 0, -1)
+            mi[:, :, xs] = np.moveaxis(out["mutual_information"].float().cpu().numpy(), 0, -1)
+        net_s += time.perf_counter() - t1
+        for c in range(n_classes):
+            prob_ct[c] += passes * _on_grid(prob[c], ref, ct)
+        if mi_ct is not None:
+            mi_ct += _on_grid(mi, ref, ct) / g
+    prob_ct /= n
+    best = np.argmax(prob_ct, axis=0).astype(np.uint8)
+    ent = -(prob_ct * np.log(np.clip(prob_ct, 1e-8, None))).sum(axis=0)
+    del prob_ct
     if s.largest_component:
         best = keep_largest_vertebra_components(best, len(s.vertebrae))
     labels = sitk.GetImageFromArray(from_classes(best, s.vertebrae))
     labels.CopyInformation(ct)
     unc = sitk.GetImageFromArray(np.clip(ent, 0.0, None).astype(np.float32))
     unc.CopyInformation(ct)
-    info: dict[str, Any] = {"mc_samples": n, "working_spacing_mm": list(ref.GetSpacing()), "network_seconds": round(net_s, 2),
-                            "seconds": round(time.perf_counter() - t0, 2)}
-    if with_mutual_information:
-        info["mutual_information"] = on_ct(mi)
+    info: dict[str, Any] = {"mc_samples": n, "grids": g, "working_spacing_mm": list(ref.GetSpacing()),
+                            "network_seconds": round(net_s, 2), "seconds": round(time.perf_counter() - t0, 2)}
+    if mi_ct is not None:
+        info["mutual_information"] = mi_ct
     return labels, unc, info
+
+
+def _on_grid(arr: np.ndarray, ref: sitk.Image, ct: sitk.Image) -> np.ndarray:
+    """A working-grid map ``(z, y, x)`` (grid ``ref``) linearly resampled to the CT grid, float32."""
+    img = sitk.GetImageFromArray(np.ascontiguousarray(arr, dtype=np.float32))
+    img.CopyInformation(ref)
+    return sitk.GetArrayFromImage(sitk.Resample(img, ct, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32))
 
 
 def keep_largest_vertebra_components(classes: np.ndarray, n_vertebrae: int) -> np.ndarray:

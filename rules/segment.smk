@@ -9,7 +9,7 @@ rule train_segmenter:
         directory("results/models/segmenter"),
     params:
         cases=get_segmenter_training_cases,
-        unet=config["segment"]["unet"],
+        unet=segment_unet.training_config(config["segment"]["unet"]),
         device=config["segment"]["device"],
         on_error=config["on_patient_error"],
         code_version=segment_unet.STAGE_VERSION,
@@ -36,6 +36,7 @@ rule segment:
         method=get_segment_method,
         threshold_hu=config["segment"]["threshold_hu"],
         mc_samples=config["segment"]["unet"]["mc_samples"],
+        inference_grids=config["segment"]["unet"]["inference_grids"],
         device=config["segment"]["device"],
         on_error=config["on_patient_error"],
         code_version=f"{segment_stage.STAGE_VERSION}+unet{segment_unet.STAGE_VERSION}",

@@ -20,6 +20,7 @@ with atomic_dir(sm.output[0]) as out:
         or segment_ct(inputs["ct"], out, method=sm.params.method, labels=inputs.get("labels"),
                       label_table=inputs.get("label_table"), model_dir=inputs.get("model"),
                       threshold_hu=sm.params.threshold_hu, mc_samples=sm.params.mc_samples,
+                      grids=sm.params.inference_grids,
                       device=sm.params.device, tags={"patient_id": patient}),
         out / "segment.json",
     )
