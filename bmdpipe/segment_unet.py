@@ -224,10 +224,7 @@ def labels_to_working(classes: sitk.Image, ref: sitk.Image) -> np.ndarray:
     arr = sitk.GetArrayViewFromImage(classes)
     best = best_p = None
     for c in np.unique(arr):
-        onehot = sitk.GetImageFromArray((arr == c).astype(np.float32))
-        onehot.CopyInformation(classes)
-        p = sitk.GetArrayFromImage(sitk.Resample(onehot, ref, sitk.Transform(), sitk.sitkLinear, float(c == 0),
-                                                 sitk.sitkFloat32))
+        p = _resampled(arr == c, classes, ref, outside=float(c == 0))
         if best is None:
             best, best_p = np.full(p.shape, c, np.uint8), p
         else:
@@ -590,9 +587,9 @@ def predict(seg: Segmenter, ct: sitk.Image, *, mc_samples: int | None = None, gr
             mi[:, :, xs] = np.moveaxis(out["mutual_information"].float().cpu().numpy(), 0, -1)
         net_s += time.perf_counter() - t1
         for c in range(n_classes):
-            prob_ct[c] += passes * _on_grid(prob[c], ref, ct)
+            prob_ct[c] += passes * _resampled(prob[c], ref, ct)
         if mi_ct is not None:
-            mi_ct += _on_grid(mi, ref, ct) / g
+            mi_ct += _resampled(mi, ref, ct) / g
     prob_ct /= n
     best = np.argmax(prob_ct, axis=0).astype(np.uint8)
     ent = -(prob_ct * np.log(np.clip(prob_ct, 1e-8, None))).sum(axis=0)
@@ -610,11 +607,13 @@ def predict(seg: Segmenter, ct: sitk.Image, *, mc_samples: int | None = None, gr
     return labels, unc, info
 
 
-def _on_grid(arr: np.ndarray, ref: sitk.Image, ct: sitk.Image) -> np.ndarray:
-    """A working-grid map ``(z, y, x)`` (grid ``ref``) linearly resampled to the CT grid, float32."""
+def _resampled(arr: np.ndarray, grid: sitk.Image, target: sitk.Image, outside: float = 0.0) -> np.ndarray:
+    """A map ``(z, y, x)`` on ``grid``'s voxels linearly resampled onto ``target``'s, float32; ``outside``
+    where ``target`` reaches beyond ``grid``."""
     img = sitk.GetImageFromArray(np.ascontiguousarray(arr, dtype=np.float32))
-    img.CopyInformation(ref)
-    return sitk.GetArrayFromImage(sitk.Resample(img, ct, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+    img.CopyInformation(grid)
+    return sitk.GetArrayFromImage(sitk.Resample(img, target, sitk.Transform(), sitk.sitkLinear, outside,
+                                                sitk.sitkFloat32))
 
 
 def keep_largest_vertebra_components(classes: np.ndarray, n_vertebrae: int) -> np.ndarray:
