@@ -6,7 +6,8 @@ Layout under ``out_dir``::
     xray/{pid}_{view}.dcm          DICOM DX radiograph per view
     labels/{pid}.nii.gz            bone label map, only for patients listed with labels in the sheet
     labels/structures.csv          its value → name table
-    truth/{pid}.json               the record, derived truth (aBMD, vBMD, QCT, per-view ROIs and stats)
+    truth/{pid}.json               the record, derived truth (aBMD, vBMD, QCT, per-view ROIs and stats;
+                                   ``l1_dxa_g_cm2``: L1's DRR averaged as DXA does, V3/V4/V18)
     truth/{pid}.npz                bone DRRs (g/cm²) per view, ``bone_drr_{view}`` (rows, cols) float32, and
                                    L1's alone, ``l1_drr_{view}`` (seed 004's ROI target)
     truth/labels_{base}[_e{seed}].nii.gz  label map of each base anatomy or elastic variant of it (the
@@ -178,6 +179,7 @@ def _view_stats(sig: dict[str, Any], boxes: dict[str, list[int]], bone: np.ndarr
         }
     if l1 is not None and "L1" in boxes:
         stats["L1"]["l1_drr_mean_g_cm2"] = render.roi_mean(l1, boxes["L1"])
+        stats["L1"]["l1_dxa_g_cm2"] = render.dxa_mean(l1, boxes["L1_body"])
     return stats
 
 

@@ -22,7 +22,7 @@ import torch
 from scipy import ndimage
 
 from bmdpipe import physics
-from bmdpipe.simulate.base import LUNG_STRUCTURES, MAX_FAT_MM, BaseAnatomy
+from bmdpipe.simulate.base import DXA_EDGE_G_CM2, LUNG_STRUCTURES, MAX_FAT_MM, BaseAnatomy
 
 #: Open-field log threshold separating body from direct exposure in display processing.
 BODY_LOG_THRESHOLD = 0.15
@@ -94,11 +94,18 @@ def _mirror_flat(idx: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
 
 
 def _roi_points(base: BaseAnatomy) -> dict[str, np.ndarray]:
-    """Voxel coordinates (i, j, k) = (x, y, z) of ROI anchors: L1 QCT ROI voxels, lung and heart centroids."""
+    """Voxel coordinates (i, j, k) = (x, y, z) of ROI anchors.
+
+    ``L1``: the L1 QCT ROI voxels; ``L1_body``: the four corners of L1's DXA box (the body's
+    extent in x and z, SIMULATOR.md §3.1) in the coronal plane through the body's centre;
+    lung and heart centroids.
+    """
     pts: dict[str, np.ndarray] = {}
     if "L1" in base.vertebrae:
         k, j, i = np.nonzero(base.qct_roi == base.vertebrae.index("L1") + 1)
         pts["L1"] = np.stack([i, j, k], axis=1).astype(np.float64)
+        z0, z1, x0, x1 = base.meta["vertebrae"]["L1"]["body_box_zx"]
+        pts["L1_body"] = np.array([[x, j.mean(), z] for x in (x0 - 0.5, x1 - 0.5) for z in (z0 - 0.5, z1 - 0.5)])
     for name, structs in (("lung_right", [s for s in LUNG_STRUCTURES if s.endswith("right")]),
                           ("lung_left", [s for s in LUNG_STRUCTURES if s.endswith("left")]),
                           ("mediastinum", ["heart"])):
@@ -421,7 +428,11 @@ def encode(y: np.ndarray, disp: dict[str, Any]) -> tuple[np.ndarray, int, str]:
 
 
 def roi_boxes(base: BaseAnatomy, maps: dict[str, Any], cam: dict[str, Any]) -> dict[str, list[int]]:
-    """Detector ROIs ``[r0, r1, c0, c1]`` (end exclusive) of one view: L1 body, lungs, mediastinum."""
+    """Detector ROIs ``[r0, r1, c0, c1]`` (end exclusive) of one view.
+
+    ``L1``: around the L1 QCT ROI; ``L1_body``: L1's DXA box; lungs and mediastinum: squares of
+    ``ROI_HALF_MM`` around their centroids.
+    """
     c = _cached(base)
     v2w = voxel_to_world(base, maps["spacing"])
     rows, cols = cam["shape"]
@@ -433,7 +444,7 @@ def roi_boxes(base: BaseAnatomy, maps: dict[str, Any], cam: dict[str, Any]) -> d
             pts[:, 0] = base.shape[2] - 1 - pts[:, 0]
         world = (v2w[:3, :3] @ pts.T + v2w[:3, 3:4]).T
         rc = project_points(world, cam)
-        if name == "L1":
+        if name in ("L1", "L1_body"):
             r0, c0 = np.floor(rc.min(axis=0)).astype(int)
             r1, c1 = np.ceil(rc.max(axis=0)).astype(int) + 1
         else:
@@ -442,6 +453,15 @@ def roi_boxes(base: BaseAnatomy, maps: dict[str, Any], cam: dict[str, Any]) -> d
         out[name] = [int(np.clip(r0, 0, rows)), int(np.clip(r1, 0, rows)), int(np.clip(c0, 0, cols)),
                      int(np.clip(c1, 0, cols))]
     return out
+
+
+def dxa_mean(img: np.ndarray, box: list[int], edge: float = DXA_EDGE_G_CM2) -> float:
+    """DXA-style aBMD of a bone-DRR (g/cm², (rows, cols)): its mean over the pixels of ``box``
+    above the bone-edge threshold ``edge`` (SIMULATOR.md §3.1); NaN when there are none."""
+    r0, r1, c0, c1 = box
+    m = np.asarray(img[r0:r1, c0:c1], dtype=np.float64)
+    sel = m > edge
+    return float(m[sel].mean()) if sel.any() else float("nan")
 
 
 def roi_mean(img: np.ndarray | torch.Tensor, box: list[int]) -> float:

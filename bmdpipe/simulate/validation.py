@@ -17,15 +17,17 @@ from bmdpipe.simulate.sampling import derive, t_score
 
 #: Targets of SIMULATOR.md §6 as (description, target text).
 #:
-#: The bone-DRR of V3, V4 and V18 projects every bone. In an AP view T12's posterior elements
-#: overlap L1's body and follow T12's own BMD (V5): over 150 patients they carry 0.36 × T12's
-#: aBMD into the L1 ROI mean, which holds V4 near 0.96. The same figures on L1's bone alone
-#: (seed 004's ROI target) are reported beside them (``*_l1``).
+#: V3, V4 and V18 measure the bone-DRR in L1's ROI as DXA and seed 004 do: the DRR of L1's own
+#: bone (seed 004's ROI target; DXA's AP projection of one vertebra, §3.1), averaged over its
+#: pixels above the bone edge (0.05 g/cm²) inside L1's DXA box (the body's extent, projected into
+#: the view). The DRR of every bone averaged over the box around L1's QCT ROI is printed beside
+#: it: there T12's posterior elements overlap L1's body in an AP view and follow T12's own BMD
+#: (V5); over 150 patients they carry 0.36 × T12's aBMD into that mean, which holds V4 near 0.96.
 TARGETS = {
     "V1": ("PCC(processed L1 ROI mean, clinical DXA L1)", "|r| < 0.4"),
     "V2": ("PCC(log-domain L1 ROI mean, clinical DXA L1)", "|r| < 0.4"),
-    "V3": ("PCC(bone-DRR L1 ROI mean, clinical DXA L1)", "0.90–0.96"),
-    "V4": ("PCC(bone-DRR L1 ROI mean, true aBMD L1)", "> 0.97"),
+    "V3": ("PCC(L1 bone-DRR in L1's DXA ROI, clinical DXA L1)", "0.90–0.96"),
+    "V4": ("PCC(L1 bone-DRR in L1's DXA ROI, true aBMD L1)", "> 0.97"),
     "V5": ("inter-vertebra R of clinical DXA, L1–L2 / L1–L3", "0.918 / 0.878 ± 0.05"),
     "V6": ("PCC(trabecular vBMD L1, true aBMD L1)", "0.75–0.9"),
     "V7": ("±30 % trabecular → Δ raw L1 ROI mean: log / linear", "< 1 % / < 5 %"),
@@ -37,7 +39,7 @@ TARGETS = {
     "V13": ("L1 DXA class means normal / osteopenia / osteoporosis", "1.00 / 0.81 / 0.65 ± 0.05"),
     "V14": ("QCT phantom: slope error; vBMD error without / with fat", "b ± 2 %; ±3; −15 ± 6 mg/cm³"),
     "V17": ("max |PCC(DXA L1, acquisition/header value)|", "< 0.1"),
-    "V18": ("CV of bone-DRR L1 ROI mean over ±5° at fixed BMD", "< 3 %"),
+    "V18": ("CV of L1 bone-DRR in L1's DXA ROI over ±5° at fixed BMD", "< 3 %"),
 }
 
 
@@ -133,7 +135,7 @@ def cohort_metrics(truths: list[dict[str, Any]], view: str | None = None) -> dic
         dxa.append(rec["dxa_g_cm2"]["L1"])
         abmd.append(tr["vertebrae"]["L1"]["abmd_true_g_cm2"])
         drr.append(st["L1"]["bone_drr_mean_g_cm2"])
-        drr_l1.append(st["L1"].get("l1_drr_mean_g_cm2", float("nan")))
+        drr_l1.append(st["L1"].get("l1_dxa_g_cm2", float("nan")))
         logm.append(st["L1"]["log_mean"])
         proc.append(st["L1"]["processed_mean"])
         for vv, vs in tr["views"].items():
@@ -146,8 +148,8 @@ def cohort_metrics(truths: list[dict[str, Any]], view: str | None = None) -> dic
                                               for k in ("lung_right", "lung_left") if k in vs["stats"]]))
     out: dict[str, Any] = {
         "n": len(truths),
-        "V1": pcc(proc, dxa), "V2": pcc(logm, dxa), "V3": pcc(drr, dxa), "V4": pcc(drr, abmd),
-        "V3_l1": pcc(drr_l1, dxa), "V4_l1": pcc(drr_l1, abmd),  # L1's bone alone (TARGETS' comment)
+        "V1": pcc(proc, dxa), "V2": pcc(logm, dxa), "V3": pcc(drr_l1, dxa), "V4": pcc(drr_l1, abmd),
+        "V3_all": pcc(drr, dxa), "V4_all": pcc(drr, abmd),  # every bone, QCT-ROI box (TARGETS' comment)
         "V9_cv_log": float(np.std(logm) / np.mean(logm)),
         "V10_nogrid_L1": _median(spr[False]["L1"]), "V10_nogrid_lung": _median(spr[False]["lung"]),
         "V10_grid_L1": _median(spr[True]["L1"]), "V10_grid_lung": _median(spr[True]["lung"]),
@@ -210,9 +212,10 @@ def bmd_effect(record: dict[str, Any], base, factors=(0.7, 1.3), view: str | Non
 
 
 def pose_cv(record: dict[str, Any], base, angles=(-5.0, -2.5, 0.0, 2.5, 5.0), device: str = "cpu") -> dict[str, Any]:
-    """V18: CV of the bone-DRR L1 ROI mean over axial rotations and tilts (degrees) at fixed BMD.
+    """V18: CV over axial rotations and tilts (degrees) at fixed BMD of L1's bone-DRR in its DXA ROI.
 
-    ``cv_l1``: the same for L1's bone alone.
+    Returns ``cv`` (that CV; ``dxa``: its values per view, g/cm²), ``cv_all`` (of every bone's DRR
+    averaged over the box around L1's QCT ROI; ``means``) and ``views``.
     """
     from bmdpipe.simulate.cohort import render_patient
 
@@ -227,6 +230,6 @@ def pose_cv(record: dict[str, Any], base, angles=(-5.0, -2.5, 0.0, 2.5, 5.0), de
     rec["views"] = views
     sim = render_patient(rec, base, device=device, noise=False, with_ct=False)
     means = np.array([sim["views"][k]["stats"]["L1"]["bone_drr_mean_g_cm2"] for k in views])
-    own = np.array([sim["views"][k]["stats"]["L1"]["l1_drr_mean_g_cm2"] for k in views])
-    return {"cv": float(means.std() / means.mean()), "means": means.tolist(), "views": list(views),
-            "cv_l1": float(own.std() / own.mean())}
+    dxa = np.array([sim["views"][k]["stats"]["L1"]["l1_dxa_g_cm2"] for k in views])
+    return {"cv": float(dxa.std() / dxa.mean()), "dxa": dxa.tolist(), "views": list(views),
+            "cv_all": float(means.std() / means.mean()), "means": means.tolist()}
