@@ -80,8 +80,8 @@ def sample_patient(rng: np.random.Generator, cfg: dict[str, Any]) -> dict[str, A
     art_p = 0.35 if age > 65 else 0.10
     art_amp = _u(rng, 0.0, 0.12) if rng.random() < art_p else 0.0
     label_noise = {
-        "precision": {v: float(rng.normal(0.0, 0.022)) for v in verts},
-        "accuracy": {v: float(rng.normal(0.0, 0.065)) for v in verts},
+        "precision": {v: float(rng.normal(0.0, cfg["dxa_model"]["precision_sd"])) for v in verts},
+        "accuracy": {v: float(rng.normal(0.0, cfg["dxa_model"]["accuracy_sd"])) for v in verts},
         "artefact_g_cm2": {v: art_amp * ARTEFACT_LEVEL_WEIGHT.get(v, 1.0) for v in verts},
     }
     # vertebral mineral model (§2.2)
