@@ -3,6 +3,7 @@
     python benchmarks/ct_side.py --cohort /tmp/vc40            # an existing simulated cohort
     python benchmarks/ct_side.py --patients 30 --seed 7         # simulate one first (into a temp folder)
     python benchmarks/ct_side.py --cohort DIR --labels results/segment   # the segment stage's label maps
+                                                          # (the patients that have one)
 
 Per patient, the pipeline's own steps on the DICOM files: read the CT series
 (ingest), phantom calibration (bmdpipe.calibrate.fit_phantom) and phantomless
@@ -62,7 +63,10 @@ def truth_labels(root: Path, truth: dict, ct: sitk.Image) -> sitk.Image:
 
 def run(root: Path, labels_dir: Path | None, sites: tuple[str, ...], limit: int | None) -> list[dict]:
     rows = []
-    truths = sorted((root / "truth").glob("sim*.json"))[:limit]
+    truths = sorted((root / "truth").glob("sim*.json"))
+    if labels_dir is not None:  # the patients a segment run labelled
+        truths = [t for t in truths if (labels_dir / t.stem / "labels.nii.gz").exists()]
+    truths = truths[:limit]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for truth_file in truths:

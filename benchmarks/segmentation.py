@@ -2,7 +2,7 @@
 
     python benchmarks/segmentation.py [--patients 44] [--seed 11] [--cohort DIR] [--threads 1]
                                       [--train N] [--epochs N] [--mc-samples N] [--max-test N]
-                                      [--grids N [N ...]]
+                                      [--grids N [N ...]] [--save-labels DIR]
 
 Simulates a cohort (bmdpipe.simulate, default settings; or uses --cohort, a
 folder the simulator wrote), trains the segmentation U-Net
@@ -48,6 +48,9 @@ def main() -> None:
     parser.add_argument("--max-test", type=int, help="segment at most this many held-out patients")
     parser.add_argument("--grids", type=int, nargs="+",
                         help="shifted working grids at inference, one evaluation per value (default: the U-Net's)")
+    parser.add_argument("--save-labels", type=Path,
+                        help="write each held-out patient's label map (the last --grids setting) to "
+                             "DIR/{pid}/labels.nii.gz, as the segment stage does (for benchmarks/ct_side.py --labels)")
     parser.add_argument("--model-dir", help="keep the trained model here; one already there (model.pt) is reused")
     args = parser.parse_args()
 
@@ -105,6 +108,9 @@ def main() -> None:
                 mi.CopyInformation(ct)
                 ev_mi = evaluate(pred, truth, mi, settings.vertebrae)
                 rows[g].append({**ev, "auroc_band_mi": ev_mi["auroc_band"], "seconds": seconds})
+                if args.save_labels and g == grid_counts[-1]:
+                    (args.save_labels / pid).mkdir(parents=True, exist_ok=True)
+                    sitk.WriteImage(pred, str(args.save_labels / pid / "labels.nii.gz"))
                 dice = " ".join(f"{v} {d:.3f}" for v, d in ev["dice"].items())
                 print(f"  {pid} ({info['grids']} grid(s)): Dice {dice}, bone {ev['dice_bone']:.3f}; AUROC band "
                       f"{ev['auroc_band']:.3f} (MI {ev_mi['auroc_band']:.3f}), field {ev['auroc_field']:.3f}; "
