@@ -50,13 +50,18 @@ from bmdpipe.errors import InputError
 from bmdpipe.segment import BONE_LABELS, VERTEBRAE
 
 #: Bump when a change to this stage changes its outputs (the rule re-runs).
-STAGE_VERSION = "1"
+STAGE_VERSION = "2"
 
 #: Vertebral compartments, mm (SIMULATOR.md §2.2): body = largest component of {EDT > 5 mm} grown
 #: back by 5.5 mm inside the label; trabecular QCT core = body ∩ {EDT ≥ 3 mm}.
 BODY_CORE_MM = 5.0
 BODY_REGROW_MM = 5.5
 TRABECULAR_CORE_MM = 3.0
+#: Endplate to endplate: the body spans the contiguous slices around its largest axial section whose
+#: section is at least this fraction of that largest one, plus one tapering slice at each end. A label
+#: that joins a posterior process to the body (a network's smooth labels fill the narrowing at the
+#: pedicles) otherwise carries the body down past the endplate (benchmarks/ct_side.py).
+BODY_MIN_SECTION = 0.3
 #: DXA bone-edge threshold on the areal mass, g/cm² (SIMULATOR.md §3.1: the result is insensitive to it
 #: between 0.02 and 0.1 [measured]).
 DXA_EDGE_G_CM2 = 0.05
@@ -73,6 +78,7 @@ class RoiSpec:
         sites: vertebrae DXA measures, e.g. ``("L1", "L2", "L3", "L4")``.
         dilation_voxels: dilation of each vertebra label (SIMULATOR.md §3.1: always dilate).
         body_core_mm, body_regrow_mm, trabecular_core_mm: compartments (SIMULATOR.md §2.2).
+        body_min_section: the body's SI extent (:data:`BODY_MIN_SECTION`); 0 keeps every slice.
         edge_g_cm2: DXA bone-edge threshold on the areal mass.
         min_sites: fewest measurable sites; fewer is a failure of the patient.
         hip: ``auto`` (the proximal femur of every femur labelled), ``off``, or ``required``.
@@ -84,6 +90,7 @@ class RoiSpec:
     body_core_mm: float = BODY_CORE_MM
     body_regrow_mm: float = BODY_REGROW_MM
     trabecular_core_mm: float = TRABECULAR_CORE_MM
+    body_min_section: float = BODY_MIN_SECTION
     edge_g_cm2: float = DXA_EDGE_G_CM2
     min_sites: int = 1
     hip: str = "auto"
@@ -168,12 +175,15 @@ def _bbox(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
 
 
 def vertebral_body(mask: np.ndarray, spacing_zyx: Sequence[float], *, core_mm: float = BODY_CORE_MM,
-                   regrow_mm: float = BODY_REGROW_MM) -> tuple[np.ndarray, np.ndarray]:
+                   regrow_mm: float = BODY_REGROW_MM, si_axis: int | None = None,
+                   min_section: float = BODY_MIN_SECTION) -> tuple[np.ndarray, np.ndarray]:
     """Vertebral body of a vertebra label (SIMULATOR.md §2.2).
 
     Args:
         mask: ``(z, y, x)`` bool, one vertebra's label.
         spacing_zyx: voxel size, mm.
+        si_axis: the array axis along SI; with it the body is cut to its endplates
+            (:data:`BODY_MIN_SECTION`, ``min_section``).
 
     Returns:
         ``(body, edt)``: the body (bool, same shape) and the distance inside the label (mm).
@@ -187,7 +197,29 @@ def vertebral_body(mask: np.ndarray, spacing_zyx: Sequence[float], *, core_mm: f
     sizes = ndimage.sum_labels(core, lab, index=np.arange(1, n + 1))
     core = lab == 1 + int(np.argmax(sizes))
     body = (ndimage.distance_transform_edt(~core, sampling=spacing_zyx) <= regrow_mm) & mask
+    if si_axis is not None and min_section > 0:
+        body = _endplate_to_endplate(body, si_axis, min_section)
     return body, edt
+
+
+def _endplate_to_endplate(body: np.ndarray, si_axis: int, min_section: float) -> np.ndarray:
+    """``body`` cut along ``si_axis`` to the contiguous run of slices around its largest section whose
+    section is ≥ ``min_section`` × the largest, plus one (tapering) slice at each end."""
+    other = tuple(a for a in range(body.ndim) if a != si_axis)
+    area = body.sum(axis=other)
+    peak = int(np.argmax(area))
+    keep = area >= min_section * area[peak]
+    lo = hi = peak
+    while lo > 0 and keep[lo - 1]:
+        lo -= 1
+    while hi < area.size - 1 and keep[hi + 1]:
+        hi += 1
+    lo, hi = max(lo - 1, 0), min(hi + 1, area.size - 1)
+    index = [slice(None)] * body.ndim
+    out = np.zeros_like(body)
+    index[si_axis] = slice(lo, hi + 1)
+    out[tuple(index)] = body[tuple(index)]
+    return out
 
 
 # --------------------------------------------------------------------------- spine
@@ -241,7 +273,8 @@ def spine_roi(labels: np.ndarray, frame: PatientFrame, spec: RoiSpec = RoiSpec()
         mask = mask_full[box]
         region = ndimage.binary_dilation(mask, iterations=spec.dilation_voxels) if spec.dilation_voxels else mask
         region &= ~taken[box]
-        body, edt = vertebral_body(mask, frame.spacing_zyx, core_mm=spec.body_core_mm, regrow_mm=spec.body_regrow_mm)
+        body, edt = vertebral_body(mask, frame.spacing_zyx, core_mm=spec.body_core_mm, regrow_mm=spec.body_regrow_mm,
+                                   si_axis=frame.si, min_section=spec.body_min_section)
         if not body.any():
             problems[name] = (f"vertebra {name}: no vertebral body thicker than {2 * spec.body_core_mm:g} mm in its "
                               f"label ({int(mask.sum())} voxels); is the label complete?")

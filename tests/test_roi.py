@@ -76,6 +76,28 @@ def test_abmd_of_box_vertebrae_is_density_times_thickness():
                                                                                    rel=0.01)
 
 
+def test_body_stops_at_the_endplate_when_a_process_hangs_below():
+    """A segmentation network's smooth label can make a posterior process thick enough to join the body's
+    core; the body (and so the DXA box) still ends at the inferior endplate, and the site is not cut."""
+    dens, lab, truth = box_spine(names=("L1",))
+    value = BONE_LABELS["vertebra_L1"]
+    # a 16 × 16 mm process behind the body (AP 55-71), from the body's mid-height down 14 mm past
+    # its inferior endplate (z 4-13 is the lower half of the 20 mm body; 2 mm slices)
+    proc = (slice(0, 14), slice(55, 71), slice(32, 48))
+    lab[proc] = value
+    dens[proc] = 150.0
+    frame = PatientFrame.of(image(dens, spacing=(1.0, 1.0, 2.0)))
+    per_site, rois = measure_spine(dens, lab, frame, RoiSpec(sites=("L1",), body_min_section=0.0))
+    assert per_site["L1"]["truncated"]  # the old behaviour: the body runs down the process to the scan end
+    per_site, rois = measure_spine(dens, lab, frame, RoiSpec(sites=("L1",)))
+    e = per_site["L1"]
+    assert e["status"] == "ok" and not e["truncated"]
+    r0, r1, c0, c1 = e["box_si_lr"]
+    # the body is rows 4-13; the rule keeps one tapering slice past each end (here the process's)
+    assert r0 in (3, 4) and r1 == 14 and (c1 - c0) == pytest.approx(30, abs=1)
+    assert e["area_cm2"] == pytest.approx(truth["L1"]["area"], rel=0.1)
+
+
 def test_projection_follows_the_patient_axes():
     """A volume stored with AP along the first array axis (direction cosines permuted) gives the same aBMD."""
     dens, lab, truth = box_spine(shape=(30, 80, 80), spacing_zyx=(1.0, 1.0, 1.0), names=("L1",))
