@@ -81,6 +81,13 @@ LUNG_STRUCTURES = ("lung_upper_lobe_left", "lung_lower_lobe_left", "lung_upper_l
                    "lung_middle_lobe_right", "lung_lower_lobe_right")
 
 
+def dxa_abmd(m: np.ndarray, edge: float = DXA_EDGE_G_CM2, empty: float = float("nan")) -> float:
+    """DXA's aBMD of an areal-mass image ``m`` (g/cm², any shape): its mean over the pixels above the
+    bone edge ``edge`` (SIMULATOR.md §3.1, BMC / area); ``empty`` when there are none."""
+    sel = m > edge
+    return float(m[sel].mean()) if sel.any() else empty
+
+
 def _is_bone(name: str) -> bool:
     return (name.startswith(("vertebrae_", "rib_", "humerus", "scapula", "clavicula", "femur", "hip_"))
             or name in ("sacrum", "sternum", "skull"))
@@ -127,8 +134,7 @@ class BaseAnatomy:
         ``k`` multiplies areal densities by k (SIMULATOR.md §2.2, §3.1).
         """
         m = k * (s * self.dxa_trab[v] + (1.0 - c * (1.0 - s)) * e * self.dxa_cort[v])
-        sel = m > DXA_EDGE_G_CM2
-        return float(m[sel].mean()) if sel.any() else 0.0
+        return dxa_abmd(m, empty=0.0)
 
     def abmd_inverse(self, v: int, target: float, c: float, e: float, k: float,
                      s_range: tuple[float, float]) -> tuple[float, bool]:

@@ -48,7 +48,7 @@ DEFAULTS: dict[str, Any] = {
         # clinical label (Gu et al.'s ground-truth DRR row, 0.930). Beside this model's artefact term and
         # ε_p, the spec's first guess 0.06–0.07 gives PCC(clinical DXA, true aBMD) 0.897–0.908 on 2000
         # records (seed 2026); 0.045 gives 0.937 (0.931 on the 200 of the benchmark). The labels are
-        # drawn first, so ε_a moves the true aBMD (the anatomy), not the labels: V5, V12, V13 keep
+        # drawn first, so ε_a moves the true aBMD (the anatomy), not the labels: V5, V12, V13 do not move
         "precision_sd": 0.022,
         "accuracy_sd": 0.045,
         # CT-aBMD → DXA cross-calibration (SIMULATOR.md §5.3: CT-derived aBMD sits low). With the seed000

@@ -22,7 +22,7 @@ import torch
 from scipy import ndimage
 
 from bmdpipe import physics
-from bmdpipe.simulate.base import DXA_EDGE_G_CM2, LUNG_STRUCTURES, MAX_FAT_MM, BaseAnatomy
+from bmdpipe.simulate.base import DXA_EDGE_G_CM2, LUNG_STRUCTURES, MAX_FAT_MM, BaseAnatomy, dxa_abmd
 
 #: Open-field log threshold separating body from direct exposure in display processing.
 BODY_LOG_THRESHOLD = 0.15
@@ -459,9 +459,7 @@ def dxa_mean(img: np.ndarray, box: list[int], edge: float = DXA_EDGE_G_CM2) -> f
     """DXA-style aBMD of a bone-DRR (g/cm², (rows, cols)): its mean over the pixels of ``box``
     above the bone-edge threshold ``edge`` (SIMULATOR.md §3.1); NaN when there are none."""
     r0, r1, c0, c1 = box
-    m = np.asarray(img[r0:r1, c0:c1], dtype=np.float64)
-    sel = m > edge
-    return float(m[sel].mean()) if sel.any() else float("nan")
+    return dxa_abmd(np.asarray(img[r0:r1, c0:c1], dtype=np.float64), edge)
 
 
 def roi_mean(img: np.ndarray | torch.Tensor, box: list[int]) -> float:

@@ -125,7 +125,7 @@ def cohort_metrics(truths: list[dict[str, Any]], view: str | None = None) -> dic
 
     ``view``: which view's statistics (default: the first view of each patient).
     """
-    dxa, abmd, drr, drr_l1, logm, proc = [], [], [], [], [], []
+    dxa, abmd, drr, l1_dxa, logm, proc = [], [], [], [], [], []
     spr = {True: {"L1": [], "lung": []}, False: {"L1": [], "lung": []}}
     quanta = {"L1": [], "lung": []}
     for tr in truths:
@@ -135,7 +135,7 @@ def cohort_metrics(truths: list[dict[str, Any]], view: str | None = None) -> dic
         dxa.append(rec["dxa_g_cm2"]["L1"])
         abmd.append(tr["vertebrae"]["L1"]["abmd_true_g_cm2"])
         drr.append(st["L1"]["bone_drr_mean_g_cm2"])
-        drr_l1.append(st["L1"].get("l1_dxa_g_cm2", float("nan")))
+        l1_dxa.append(st["L1"].get("l1_dxa_g_cm2", float("nan")))
         logm.append(st["L1"]["log_mean"])
         proc.append(st["L1"]["processed_mean"])
         for vv, vs in tr["views"].items():
@@ -148,7 +148,7 @@ def cohort_metrics(truths: list[dict[str, Any]], view: str | None = None) -> dic
                                               for k in ("lung_right", "lung_left") if k in vs["stats"]]))
     out: dict[str, Any] = {
         "n": len(truths),
-        "V1": pcc(proc, dxa), "V2": pcc(logm, dxa), "V3": pcc(drr_l1, dxa), "V4": pcc(drr_l1, abmd),
+        "V1": pcc(proc, dxa), "V2": pcc(logm, dxa), "V3": pcc(l1_dxa, dxa), "V4": pcc(l1_dxa, abmd),
         "V3_all": pcc(drr, dxa), "V4_all": pcc(drr, abmd),  # every bone, QCT-ROI box (TARGETS' comment)
         "V9_cv_log": float(np.std(logm) / np.mean(logm)),
         "V10_nogrid_L1": _median(spr[False]["L1"]), "V10_nogrid_lung": _median(spr[False]["lung"]),
