@@ -98,6 +98,38 @@ def test_body_stops_at_the_endplate_when_a_process_hangs_below():
     assert e["area_cm2"] == pytest.approx(truth["L1"]["area"], rel=0.1)
 
 
+def test_body_ends_at_the_pedicles_when_they_join_the_arch_to_it():
+    """Smooth labels thicken the pedicles until the posterior arch joins the body's core; the body, and
+    so the DXA box, still ends at the pedicles instead of taking in the arch."""
+    dens, lab, truth = box_spine(names=("L1",))
+    value = BONE_LABELS["vertebra_L1"]
+    # behind the body (AP 25-55, LPS: larger y is posterior): two 11 mm pedicles 16 mm tall (2 mm slices),
+    # then an arch 40 mm wide, 14 mm deep, 14 mm tall; the pedicles are thicker than twice the 5 mm core
+    for part in ((slice(5, 13), slice(55, 63), slice(25, 36)), (slice(5, 13), slice(55, 63), slice(44, 55)),
+                 (slice(6, 13), slice(63, 77), slice(20, 60))):
+        lab[part] = value
+        dens[part] = 150.0
+    frame = PatientFrame.of(image(dens, spacing=(1.0, 1.0, 2.0)))
+    per_site, rois = measure_spine(dens, lab, frame, RoiSpec(sites=("L1",), body_neck_ratio=0.0))
+    c0, c1 = per_site["L1"]["box_si_lr"][2:]
+    assert c1 - c0 == pytest.approx(40, abs=1)  # the old behaviour: the arch's width
+    assert rois[0].body[:, 63:].any()
+    per_site, rois = measure_spine(dens, lab, frame, RoiSpec(sites=("L1",)))
+    e = per_site["L1"]
+    c0, c1 = e["box_si_lr"][2:]
+    assert e["status"] == "ok" and (c1 - c0) == pytest.approx(30, abs=1)
+    assert not rois[0].body[:, 63:].any()  # no arch; the body keeps its own 30 mm (AP 25-55)
+    assert rois[0].body[:, 25:55].sum() >= 0.9 * (lab[:, 25:55] > 0).sum()  # corners rounded by the regrown core
+    assert e["area_cm2"] == pytest.approx(truth["L1"]["area"], rel=0.1)
+    # stored with AP reversed (a larger index is more anterior): the same body
+    flip = image(dens[:, ::-1].copy(), spacing=(1.0, 1.0, 2.0), direction=(1, 0, 0, 0, -1, 0, 0, 0, 1))
+    frame = PatientFrame.of(flip)
+    assert not frame.posterior_up
+    per_flip, _ = measure_spine(dens[:, ::-1].copy(), lab[:, ::-1].copy(), frame, RoiSpec(sites=("L1",)))
+    assert per_flip["L1"]["box_si_lr"] == e["box_si_lr"]
+    assert per_flip["L1"]["abmd_g_cm2"] == pytest.approx(e["abmd_g_cm2"])
+
+
 def test_projection_follows_the_patient_axes():
     """A volume stored with AP along the first array axis (direction cosines permuted) gives the same aBMD."""
     dens, lab, truth = box_spine(shape=(30, 80, 80), spacing_zyx=(1.0, 1.0, 1.0), names=("L1",))
