@@ -245,12 +245,7 @@ def _cut_at_neck(body: np.ndarray, axis: int, posterior_up: bool, ratio: float) 
             half = 0.5 * (area[peak] + area[low])
             end = peak + int(np.argmax(area[peak:low + 1] <= half)) + 1
             break
-    keep = slice(0, end) if posterior_up else slice(area.size - end, area.size)
-    index = [slice(None)] * body.ndim
-    out = np.zeros_like(body)
-    index[axis] = keep
-    out[tuple(index)] = body[tuple(index)]
-    return out
+    return _keep_along(body, axis, slice(0, end) if posterior_up else slice(area.size - end, area.size))
 
 
 def _endplate_to_endplate(body: np.ndarray, si_axis: int, min_section: float) -> np.ndarray:
@@ -266,10 +261,15 @@ def _endplate_to_endplate(body: np.ndarray, si_axis: int, min_section: float) ->
     while hi < area.size - 1 and keep[hi + 1]:
         hi += 1
     lo, hi = max(lo - 1, 0), min(hi + 1, area.size - 1)
-    index = [slice(None)] * body.ndim
-    out = np.zeros_like(body)
-    index[si_axis] = slice(lo, hi + 1)
-    out[tuple(index)] = body[tuple(index)]
+    return _keep_along(body, si_axis, slice(lo, hi + 1))
+
+
+def _keep_along(mask: np.ndarray, axis: int, keep: slice) -> np.ndarray:
+    """``mask`` with everything outside ``keep`` along ``axis`` cleared (a copy)."""
+    index = [slice(None)] * mask.ndim
+    index[axis] = keep
+    out = np.zeros_like(mask)
+    out[tuple(index)] = mask[tuple(index)]
     return out
 
 
