@@ -137,8 +137,8 @@ class PatientFrame:
     ap: int
     lr: int
     superior_up: bool
+    posterior_up: bool
     spacing_zyx: tuple[float, float, float]
-    posterior_up: bool = True
 
     @classmethod
     def of(cls, img: sitk.Image) -> "PatientFrame":
@@ -156,8 +156,8 @@ class PatientFrame:
         to_array = {0: 2, 1: 1, 2: 0}  # SimpleITK image axis → numpy axis
         sx, sy, sz = img.GetSpacing()
         return cls(si=to_array[img_axis[2]], ap=to_array[img_axis[1]], lr=to_array[img_axis[0]],
-                   superior_up=bool(d[2, img_axis[2]] > 0), spacing_zyx=(float(sz), float(sy), float(sx)),
-                   posterior_up=bool(d[1, img_axis[1]] > 0))
+                   superior_up=bool(d[2, img_axis[2]] > 0), posterior_up=bool(d[1, img_axis[1]] > 0),
+                   spacing_zyx=(float(sz), float(sy), float(sx)))
 
     def project_ap(self, volume: np.ndarray) -> np.ndarray:
         """Sum along AP, as a ``(si, lr)`` image (rows along the SI array axis, in array order)."""
@@ -186,53 +186,50 @@ def _bbox(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
     return tuple(box)
 
 
-def vertebral_body(mask: np.ndarray, spacing_zyx: Sequence[float], *, core_mm: float = BODY_CORE_MM,
-                   regrow_mm: float = BODY_REGROW_MM, si_axis: int | None = None,
-                   min_section: float = BODY_MIN_SECTION, ap_axis: int | None = None,
-                   posterior_up: bool = True, neck_ratio: float = BODY_NECK_RATIO) -> tuple[np.ndarray, np.ndarray]:
-    """Vertebral body of a vertebra label (SIMULATOR.md §2.2).
+def vertebral_body(mask: np.ndarray, frame: PatientFrame, spec: RoiSpec = RoiSpec()) -> tuple[np.ndarray, np.ndarray]:
+    """Vertebral body of a vertebra label (SIMULATOR.md §2.2), cut to its endplates
+    (``spec.body_min_section``) and at its pedicles (``spec.body_neck_ratio``).
 
     Args:
-        mask: ``(z, y, x)`` bool, one vertebra's label.
-        spacing_zyx: voxel size, mm.
-        si_axis: the array axis along SI; with it the body is cut to its endplates
-            (:data:`BODY_MIN_SECTION`, ``min_section``).
-        ap_axis: the array axis along AP (``posterior_up``: a larger index is more posterior); with it
-            the body is cut at the pedicles (:data:`BODY_NECK_RATIO`, ``neck_ratio``).
+        mask: ``(z, y, x)`` bool, one vertebra's label, on ``frame``'s grid.
+        frame: the CT's patient frame (voxel size, which axes are SI and AP).
+        spec: the compartment settings (``body_core_mm``, ``body_regrow_mm``, the two cuts).
 
     Returns:
         ``(body, edt)``: the body (bool, same shape) and the distance inside the label (mm).
-        The body is empty when no part of the label is thicker than ``2·core_mm``.
+        The body is empty when no part of the label is thicker than ``2·body_core_mm``.
     """
-    edt = ndimage.distance_transform_edt(mask, sampling=spacing_zyx)
-    core = edt > core_mm
+    edt = ndimage.distance_transform_edt(mask, sampling=frame.spacing_zyx)
+    core = edt > spec.body_core_mm
     lab, n = ndimage.label(core)
     if n == 0:
         return np.zeros_like(mask), edt
     sizes = ndimage.sum_labels(core, lab, index=np.arange(1, n + 1))
     core = lab == 1 + int(np.argmax(sizes))
-    body = (ndimage.distance_transform_edt(~core, sampling=spacing_zyx) <= regrow_mm) & mask
-    if si_axis is not None and min_section > 0:
-        body = _endplate_to_endplate(body, si_axis, min_section)
-    if ap_axis is not None and neck_ratio > 0:
-        body = _cut_at_neck(body, ap_axis, posterior_up, neck_ratio)
+    body = (ndimage.distance_transform_edt(~core, sampling=frame.spacing_zyx) <= spec.body_regrow_mm) & mask
+    if spec.body_min_section > 0:
+        body = _endplate_to_endplate(body, frame.si, spec.body_min_section)
+    if spec.body_neck_ratio > 0:
+        body = _cut_at_neck(body, frame.ap, frame.posterior_up, spec.body_neck_ratio)
     return body, edt
 
 
+def _sections(mask: np.ndarray, axis: int) -> np.ndarray:
+    """Voxel count of each slice of ``mask`` across ``axis``, ``(mask.shape[axis],)`` float64."""
+    return mask.sum(axis=tuple(a for a in range(mask.ndim) if a != axis)).astype(np.float64)
+
+
 def _cut_at_neck(body: np.ndarray, axis: int, posterior_up: bool, ratio: float) -> np.ndarray:
-    """``body`` cut at its first narrowing going back from its anterior face along ``axis`` (AP).
+    """``body`` (not empty) cut at its first narrowing going back from its anterior face along ``axis`` (AP).
 
     The narrowing is the slice of least section behind the largest one so far, once it is ≤ ``ratio`` ×
     that largest and ≤ ``ratio`` × a section behind it. The body keeps the slices down to the first one
     whose section is half-way from the largest to the narrowing's (the pedicles' roots, wider than the
     body's posterior wall, lie in the slope below) and loses the rest."""
-    other = tuple(a for a in range(body.ndim) if a != axis)
-    area = body.sum(axis=other).astype(np.float64)
+    area = _sections(body, axis)
     if not posterior_up:
         area = area[::-1]
     filled = np.flatnonzero(area)
-    if filled.size == 0:
-        return body
     peak = low = int(filled[0])
     end = area.size
     for i in range(peak + 1, int(filled[-1]) + 1):
@@ -251,8 +248,7 @@ def _cut_at_neck(body: np.ndarray, axis: int, posterior_up: bool, ratio: float) 
 def _endplate_to_endplate(body: np.ndarray, si_axis: int, min_section: float) -> np.ndarray:
     """``body`` cut along ``si_axis`` to the contiguous run of slices around its largest section whose
     section is ≥ ``min_section`` × the largest, plus one (tapering) slice at each end."""
-    other = tuple(a for a in range(body.ndim) if a != si_axis)
-    area = body.sum(axis=other)
+    area = _sections(body, si_axis)
     peak = int(np.argmax(area))
     keep = area >= min_section * area[peak]
     lo = hi = peak
@@ -324,10 +320,7 @@ def spine_roi(labels: np.ndarray, frame: PatientFrame, spec: RoiSpec = RoiSpec()
         mask = mask_full[box]
         region = ndimage.binary_dilation(mask, iterations=spec.dilation_voxels) if spec.dilation_voxels else mask
         region &= ~taken[box]
-        body, edt = vertebral_body(mask, frame.spacing_zyx, core_mm=spec.body_core_mm, regrow_mm=spec.body_regrow_mm,
-                                   si_axis=frame.si, min_section=spec.body_min_section,
-                                   ap_axis=frame.ap, posterior_up=frame.posterior_up,
-                                   neck_ratio=spec.body_neck_ratio)
+        body, edt = vertebral_body(mask, frame, spec)
         if not body.any():
             problems[name] = (f"vertebra {name}: no vertebral body thicker than {2 * spec.body_core_mm:g} mm in its "
                               f"label ({int(mask.sum())} voxels); is the label complete?")
