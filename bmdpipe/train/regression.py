@@ -36,7 +36,7 @@ from bmdpipe.train.loop import (
     update,
     wrap_ddp,
 )
-from bmdpipe.train.settings import STAGE_VERSION, TrainSettings
+from bmdpipe.train.settings import REGRESSION_VERSION, STAGE_VERSION, TrainSettings
 
 
 def build_regressor(arch: dict, generator: torch.nn.Module | None = None) -> torch.nn.Module:
@@ -59,7 +59,12 @@ def save_regressor(model: torch.nn.Module, arch: dict, norm: dict, path: str | o
 
 
 def load_regressor(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """A model saved by :func:`save_regressor` (eval mode) and its payload; stage-3 heads saved before
+    :class:`~bmdpipe.models.regression.RegressionHead` had ``pool_norm`` load with their LayerNorm."""
     payload = torch.load(path, map_location=device, weights_only=False)
+    head = payload["arch"].get("head")
+    if head is not None and "pool_norm" not in head:
+        head["pool_norm"] = "head.norm.weight" in payload["state_dict"]
     model = build_regressor(payload["arch"])
     model.load_state_dict(payload["state_dict"])
     return model.to(device).eval(), payload
@@ -102,7 +107,7 @@ def train_regression(
         reg = settings.regression
         arch = {"kind": "stage3", "generator": payload["arch"], "feature_hw": [h // 4, w // 4],
                 "n_outputs": len(columns), "head": {"dims": list(reg.dims), "depths": list(reg.depths),
-                                                    "heads": list(reg.heads)}}
+                                                    "heads": list(reg.heads), "pool_norm": False}}
         gen = build_generator(payload["arch"])
         gen.load_state_dict(payload["state_dict"])
         model = build_regressor(arch, gen)
@@ -151,7 +156,8 @@ def train_regression(
                 shutil.copyfile(Path(work) / name / "metrics.csv", out / f"metrics_{name}.csv")
         write_json(out / "train.json", {
             "stage": "regression" if generator is not None else "baseline", "status": "ok",
-            "code_version": STAGE_VERSION, "bmdpipe_version": __version__, "columns": list(columns),
+            "code_version": STAGE_VERSION if generator is None else f"{STAGE_VERSION}+regression{REGRESSION_VERSION}",
+            "bmdpipe_version": __version__, "columns": list(columns),
             "views": len(views), "patients": sorted({v.patient for v in views}),
             "generator": str(generator) if generator else None, "seconds": time.perf_counter() - start,
             "device": str(device), "processes": distributed_env()[1], "final": history[-1] if history else {},

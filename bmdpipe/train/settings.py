@@ -10,6 +10,9 @@ from typing import Any, Mapping
 
 #: Bump when a change to the training code changes what it learns (the training rules re-run).
 STAGE_VERSION = "1"
+#: Bump when a change to stage 3's model changes what it learns (train_regression re-runs, the others do not).
+#: 2: the head's linear layer reads the pooled features without a LayerNorm in front.
+REGRESSION_VERSION = "2"
 
 
 @dataclass(frozen=True)
