@@ -88,7 +88,7 @@ use rule train_regression as train_regression_experiment with:
         settings=lambda wildcards: experiment_slice(wildcards, "regression"),
         method=lambda wildcards: f"decomposition+regression @{wildcards.experiment}",
         checkpoints=lambda wildcards: f"{run_root(wildcards)}/checkpoints/train_regression",
-        code_version=f"{train_settings.STAGE_VERSION}+regression{train_settings.REGRESSION_VERSION}",
+        code_version=train_settings.REGRESSION_CODE_VERSION,
     log:
         "results/logs/experiments/{experiment}/train_regression/fold{fold}.log",
     benchmark:

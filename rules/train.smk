@@ -86,7 +86,7 @@ rule train_regression:
         settings=train_slice("regression"),
         method="decomposition+regression",
         checkpoints="results/checkpoints/train_regression",
-        code_version=f"{train_settings.STAGE_VERSION}+regression{train_settings.REGRESSION_VERSION}",
+        code_version=train_settings.REGRESSION_CODE_VERSION,
     log:
         "results/logs/train_regression/fold{fold}.log",
     benchmark:

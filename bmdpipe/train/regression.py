@@ -36,7 +36,7 @@ from bmdpipe.train.loop import (
     update,
     wrap_ddp,
 )
-from bmdpipe.train.settings import REGRESSION_VERSION, STAGE_VERSION, TrainSettings
+from bmdpipe.train.settings import REGRESSION_CODE_VERSION, STAGE_VERSION, TrainSettings
 
 
 def build_regressor(arch: dict, generator: torch.nn.Module | None = None) -> torch.nn.Module:
@@ -156,7 +156,7 @@ def train_regression(
                 shutil.copyfile(Path(work) / name / "metrics.csv", out / f"metrics_{name}.csv")
         write_json(out / "train.json", {
             "stage": "regression" if generator is not None else "baseline", "status": "ok",
-            "code_version": STAGE_VERSION if generator is None else f"{STAGE_VERSION}+regression{REGRESSION_VERSION}",
+            "code_version": STAGE_VERSION if generator is None else REGRESSION_CODE_VERSION,
             "bmdpipe_version": __version__, "columns": list(columns),
             "views": len(views), "patients": sorted({v.patient for v in views}),
             "generator": str(generator) if generator else None, "seconds": time.perf_counter() - start,

@@ -13,6 +13,8 @@ STAGE_VERSION = "1"
 #: Bump when a change to stage 3's model changes what it learns (train_regression re-runs, the others do not).
 #: 2: the head's linear layer reads the pooled features without a LayerNorm in front.
 REGRESSION_VERSION = "2"
+#: Stage 3's code version (its rules' ``code_version`` and its train.json): the training code's and its model's.
+REGRESSION_CODE_VERSION = f"{STAGE_VERSION}+regression{REGRESSION_VERSION}"
 
 
 @dataclass(frozen=True)
