@@ -36,6 +36,7 @@ def test_report_has_every_section_and_every_exclusion(virtual_run):
         assert f"<h3>{column} (" in page, column
     assert "Osteoporosis screening from T-scores" in page and "Robustness: per pose" in page
     assert "Decomposition examples" in page and "Scatter and Bland–Altman" in page
+    assert "Image decomposition accuracy (seed 004 Table 3)" in page and "<th>mean Dice</th>" in page
     # robustness variants have their own table, not rows of the main one
     assert "Robustness: localised field and JPEG re-compression" in page and "PCC JPEG 10" in page
     assert "<td>decomposition+regression @JPEG50</td>" not in page

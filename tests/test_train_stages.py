@@ -150,6 +150,9 @@ def test_all_stages_train_and_the_decomposition_finds_the_sites(cohort, tmp_path
     assert dice > 0.85, dice
     summary = jobs.bmd_fit_job(g2, train, test, columns, 0, settings, tmp_path / "bmd")
     assert [f["column"] for f in summary["fits"]] == columns
+    accuracy = pd.read_csv(tmp_path / "bmd" / "decomposition.tsv", sep="\t")  # seed 004 Table 3, per view and site
+    assert len(accuracy) == len(test) * len(settings.sites) and set(accuracy.method) == {"decomposition"}
+    assert accuracy.dice.mean() > 0.7 and accuracy.psnr_db.mean() > 20  # 0.83 and 25.0 dB measured
     m3 = train_regression(train, columns, tmp_path / "reg", tmp_path / "wr", settings, generator=g2, seed=0)
     jobs.regression_predictions_job(m3, test, 0, "decomposition+regression", tmp_path / "reg" / "p.tsv")
     mb = train_regression(train, columns, tmp_path / "base", tmp_path / "wb", settings, seed=0)

@@ -130,10 +130,12 @@ def bmd_fit_job(generator_path: str | os.PathLike[str], train: Sequence[View], t
     true ROI images (``true``); the ``ceiling`` always uses the true images, fitted on the training views'.
 
     Writes ``bmd_fit.json`` (both fits per column, with the PCC-vs-t curves), ``predictions.tsv`` (held-out,
-    methods ``decomposition`` and ``ceiling``) and ``examples.npz`` (a few held-out radiograph | predicted |
-    true triples for the report). ``tag`` is appended to both method names (a training experiment's
-    ``" @{name}"``).
+    methods ``decomposition`` and ``ceiling``), ``decomposition.tsv`` (held-out image accuracy per view and
+    site: :func:`bmdpipe.evaluate.decomposition.accuracy_rows`) and ``examples.npz`` (a few held-out
+    radiograph | predicted | true triples for the report). ``tag`` is appended to the method names (a training
+    experiment's ``" @{name}"``).
     """
+    from bmdpipe.evaluate.decomposition import accuracy_rows
     from bmdpipe.train.decomposition import load_generator, predict
 
     gen, _ = load_generator(generator_path, resolve_device(settings.device))
@@ -154,6 +156,8 @@ def bmd_fit_job(generator_path: str | os.PathLike[str], train: Sequence[View], t
     table = pd.concat([prediction_rows(test, fold, "decomposition" + tag, columns, pred),
                        prediction_rows(test, fold, "ceiling" + tag, columns, ceiling)])
     write_table(table, out / "predictions.tsv")
+    write_table(accuracy_rows([v.patient for v in test], [v.view for v in test], fold, "decomposition" + tag,
+                              settings.sites, pred_images, true_test, thresholds), out / "decomposition.tsv")
     n = min(4, len(test))
     with atomic_path(out / "examples.npz") as tmp:
         np.savez_compressed(tmp, xray=np.stack([v.xray for v in test[:n]]), predicted=pred_images[:n],
