@@ -33,3 +33,22 @@ def test_split_patches_and_loss():
     assert split_patches(img, 3, size=8).shape == (2, 9, 1, 8, 8)
     target = torch.tensor([[1.0], [2.0]])
     assert float(multiroi_loss(target, target[:, None].expand(2, 15, 1), target)) == 0.0
+
+
+def test_regressor_activation_is_recorded_and_old_models_keep_relu(tmp_path):
+    """New models train with GELU regressors (ReLU units die under AdamW on the non-negative VGG16 features);
+    a model saved before the choice has no ``activation`` in its arch and is rebuilt with ReLU, so it predicts
+    exactly as it did."""
+    from bmdpipe.models.multiroi import build_chest_model
+    from bmdpipe.train.settings import ChestBmdSettings
+
+    arch = {"variant": "MultiROI", "n_outputs": 1, "width": 0.125, "hidden": 8}
+    old = build_chest_model(arch)
+    assert isinstance(old.regressor[1], torch.nn.ReLU)
+    new = build_chest_model({**arch, "activation": ChestBmdSettings().activation})
+    assert isinstance(new.regressor[1], torch.nn.GELU)
+    crops = torch.randn(3, 15, 1, 32, 32)
+    old.eval()
+    reloaded = build_chest_model(arch)
+    reloaded.load_state_dict(old.state_dict())
+    torch.testing.assert_close(reloaded.eval()(crops), old(crops), rtol=0, atol=0)

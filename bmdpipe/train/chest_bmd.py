@@ -156,8 +156,8 @@ def train_chest_model(views: Sequence[ChestView], variant: str, columns: Sequenc
     dev = setup_device(device)
     kind = VARIANTS[variant][0]
     arch = {"variant": variant, "n_outputs": len(column_index), "width": settings.width, "hidden": settings.hidden,
-            "batch_norm": settings.batch_norm, "layers": settings.layers, "heads": settings.heads, "feedforward": settings.feedforward,
-            "input_size": settings.input_size}
+            "batch_norm": settings.batch_norm, "activation": settings.activation, "layers": settings.layers,
+            "heads": settings.heads, "feedforward": settings.feedforward, "input_size": settings.input_size}
     model = build_chest_model(arch).to(dev)
     norm = label_norm(views, [columns[k] for k in column_index], column_index)
     m, s = torch.tensor(norm["mean"], device=dev), torch.tensor(norm["sd"], device=dev)

@@ -131,6 +131,8 @@ class ChestBmdSettings:
         width: VGG16 channel multiplier (1: torchvision's 64…512).
         hidden: width of the two-layer regressors.
         batch_norm: VGG16 with batch normalisation (torchvision's ``vgg16_bn``): trains from scratch in few epochs.
+        activation: the regressors' hidden activation, ``gelu`` or seed 000's ``relu`` (whose units die under
+            AdamW on the non-negative VGG16 features: :func:`bmdpipe.models.multiroi.regressor`).
         layers, heads, feedforward: the attentive models' transformer encoder (seed 000: 6 layers).
         local_weight: weight of the local regressors' L2 in the loss (training only).
         per_vertebra: one model per BMD column, as seed 000 (one per vertebra); False: one model with a
@@ -151,6 +153,7 @@ class ChestBmdSettings:
     width: float = 0.125
     hidden: int = 64
     batch_norm: bool = True
+    activation: str = "gelu"
     layers: int = 6
     heads: int = 8
     feedforward: int = 128
