@@ -313,7 +313,11 @@ def decomposition_accuracy_table(figures: Mapping[str, Any]) -> str:
     if not rows:
         return ""
     df = pd.DataFrame(rows)[["method", "site", "n_views", "psnr_db", "dice", "pcc_mean", "icc_mean", "mean_ratio"]]
-    df.columns = ["method", "site", "views", "mean PSNR (dB)", "mean Dice", "PCC mean intensity",
+    # a training experiment's generator ("decomposition @pa_only") is named by its training, as in experiments_table
+    parts = df.pop("method").str.partition(VARIANT)
+    df.insert(0, "training", parts[2].where(parts[2] != "", "as configured"))
+    df.insert(0, "method", parts[0])
+    df.columns = ["method", "training", "site", "views", "mean PSNR (dB)", "mean Dice", "PCC mean intensity",
                   "ICC mean intensity", "predicted / target intensity"]
     return ("<h3>Image decomposition accuracy (seed 004 Table 3)</h3><p class=note>Held-out predicted ROI images "
             "against their targets, folds pooled. PSNR's peak is each target image's maximum; Dice is averaged over "
