@@ -57,3 +57,27 @@ def test_mismatched_shapes_are_refused():
     true, pred = _images(1.0)
     with pytest.raises(ValueError, match=r"\(N, S, H, W\)"):
         image_accuracy(pred[:, :1], true, THRESHOLDS)
+
+
+def test_folders_are_read_and_summarised_as_strict_json(tmp_path):
+    """evaluate_bmd's path: every BMD-fit folder's decomposition.tsv (a stage-3 folder has none), pooled, then
+    NaN figures (the empty site's) written as null."""
+    import json
+
+    from bmdpipe.evaluate.bmd import finite
+    from bmdpipe.evaluate.decomposition import read_accuracy
+
+    for fold in (0, 1):
+        folder = tmp_path / f"fold{fold}"
+        folder.mkdir()
+        accuracy_rows([f"p{fold}{i}" for i in range(4)], ["pa"] * 4, fold, "decomposition", ["L1", "L2"],
+                      *_images(0.5)[::-1], THRESHOLDS).to_csv(folder / "decomposition.tsv", sep="\t", index=False)
+    (tmp_path / "stage3").mkdir()
+    rows = read_accuracy([tmp_path / "fold0", tmp_path / "stage3", tmp_path / "fold1"])
+    assert len(rows) == 2 * 4 * 2 and sorted(rows.fold.unique()) == [0, 1]
+    records = finite(summarise_accuracy(rows).to_dict(orient="records"))
+    l1, l2 = records
+    assert l1["n_views"] == 8 and l1["mean_ratio"] == pytest.approx(0.5) and l2["pcc_mean"] is None
+    json.dumps(records, allow_nan=False)  # strict JSON
+    assert list(read_accuracy([tmp_path / "stage3"]).columns) == ACCURACY_COLUMNS
+    assert summarise_accuracy(read_accuracy([])).empty

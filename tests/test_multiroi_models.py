@@ -35,7 +35,7 @@ def test_split_patches_and_loss():
     assert float(multiroi_loss(target, target[:, None].expand(2, 15, 1), target)) == 0.0
 
 
-def test_regressor_activation_is_recorded_and_old_models_keep_relu(tmp_path):
+def test_regressor_activation_is_recorded_and_old_models_keep_relu():
     """New models train with GELU regressors (ReLU units die under AdamW on the non-negative VGG16 features);
     a model saved before the choice has no ``activation`` in its arch and is rebuilt with ReLU, so it predicts
     exactly as it did."""

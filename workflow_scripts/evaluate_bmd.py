@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from bmdpipe.evaluate.bmd import evaluate, table
-from bmdpipe.evaluate.decomposition import summarise_accuracy
+from bmdpipe.evaluate.bmd import evaluate, finite, table
+from bmdpipe.evaluate.decomposition import read_accuracy, summarise_accuracy
 from bmdpipe.evaluate.robustness import read_sizes
 from bmdpipe.io.atomic import write_json
 from bmdpipe.samples import load_samples
@@ -40,10 +40,8 @@ write_table(rows, sm.output.metrics)
 if sm.input.robustness:
     figures["jpeg_file_kb"] = read_sizes([Path(d) / "robustness.json" for d in sm.input.robustness])
 figures["experiments"] = {name: spec for name, spec in settings["experiments"].items() if spec}
-accuracy = [Path(d) / "decomposition.tsv" for d in [*sm.input.decomposition, *sm.input.experiments]]
-accuracy = summarise_accuracy(pd.concat([pd.read_csv(f, sep="\t") for f in accuracy if f.exists()] or [pd.DataFrame(
-    columns=["method", "site", "psnr_db", "dice", "mean_true", "mean_pred"])], ignore_index=True))
-figures["decomposition_accuracy"] = accuracy.astype(object).where(accuracy.notna(), None).to_dict(orient="records")
+accuracy = summarise_accuracy(read_accuracy([*sm.input.decomposition, *sm.input.experiments]))
+figures["decomposition_accuracy"] = finite(accuracy.to_dict(orient="records"))
 write_json(sm.output.figures, figures)
 log.info("held-out BMD agreement:\n%s", rows.to_string(index=False))
 log.info("held-out image decomposition accuracy:\n%s", accuracy.to_string(index=False))

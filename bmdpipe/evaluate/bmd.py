@@ -146,15 +146,15 @@ def evaluate(predictions: pd.DataFrame, sexes: Mapping[str, str], *, reference: 
             screen["n_patients"] = len(patients)
             entry["screening"] = screen
         out["methods"][method] = entry
-    return _finite(out)
+    return finite(out)
 
 
-def _finite(value: Any) -> Any:
+def finite(value: Any) -> Any:
     """NaN and infinities → None, numpy scalars → Python numbers, so the result is strict JSON."""
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [finite(v) for v in value]
     if isinstance(value, (float, np.floating)):
         return float(value) if np.isfinite(value) else None
     if isinstance(value, np.integer):

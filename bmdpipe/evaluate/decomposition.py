@@ -18,6 +18,8 @@ a generator that draws the right bone with the wrong density shows a high Dice a
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -56,12 +58,9 @@ def image_accuracy(predicted: np.ndarray, true: np.ndarray, thresholds: Sequence
         size = g.sum(axis=(2, 3))
         overlap = 2 * (p & g).sum(axis=(2, 3)) / np.maximum(p.sum(axis=(2, 3)) + size, 1)
         dices.append(np.where(size > 0, overlap, np.nan))
-    if dices:
-        stack = np.stack(dices)
-        reached = np.isfinite(stack).any(axis=0)
-        dice = np.where(reached, np.nanmean(np.where(reached, stack, 0.0), axis=0), np.nan)
-    else:
-        dice = np.full(peak.shape, np.nan)
+    stack = np.stack(dices) if dices else np.full((1, *peak.shape), np.nan)
+    reached = np.isfinite(stack).sum(axis=0)
+    dice = np.where(reached > 0, np.nansum(stack, axis=0) / np.maximum(reached, 1), np.nan)
     return {"psnr_db": psnr, "dice": dice, "mean_true": true.mean(axis=(2, 3)),
             "mean_pred": predicted.mean(axis=(2, 3))}
 
@@ -73,6 +72,14 @@ def accuracy_rows(patients: Sequence[str], views: Sequence[str], fold: int, meth
     rows = [(p, v, fold, method, site, *(float(acc[k][i, s]) for k in ACCURACY_COLUMNS[5:]))
             for i, (p, v) in enumerate(zip(patients, views)) for s, site in enumerate(sites)]
     return pd.DataFrame(rows, columns=ACCURACY_COLUMNS)
+
+
+def read_accuracy(folders: Sequence[str | os.PathLike[str]]) -> pd.DataFrame:
+    """The ``decomposition.tsv`` rows of every folder that has one (BMD-fit folders; a stage-3 folder has none),
+    concatenated; :data:`ACCURACY_COLUMNS` with no rows when none has."""
+    paths = [Path(d) / "decomposition.tsv" for d in folders]
+    frames = [pd.read_csv(p, sep="\t") for p in paths if p.exists()]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=ACCURACY_COLUMNS)
 
 
 def summarise_accuracy(rows: pd.DataFrame) -> pd.DataFrame:
