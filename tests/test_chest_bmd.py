@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from bmdpipe.chest_landmarks import LANDMARKS, ROIS, roi_boxes
-from bmdpipe.train.chest_bmd import ChestView, chest_inputs, load_chest_model, predict_chest, train_chest_model
+from bmdpipe.train.chest_bmd import (
+    ChestView,
+    chest_inputs,
+    input_names,
+    load_chest_model,
+    local_agreement,
+    predict_chest,
+    train_chest_model,
+)
 from bmdpipe.train.settings import ChestBmdSettings
 
 SHAPE = (160, 128)
@@ -64,8 +72,13 @@ def test_inputs_are_cut_at_the_landmarks():
 @pytest.mark.slow
 def test_base_and_multiroi_learn_bmd_on_held_out_radiographs(tmp_path):
     """48 synthetic radiographs (36 training, 12 held out), 30 epochs each: the whole-image model and the ROI model
-    both find the T12 brightness; held-out PCC above 0.7 (measured: Base 0.92, MultiROI 0.88; chance ~0; with
-    seed 000's ReLU regressors MultiROI's hidden units all died and it predicted a constant)."""
+    both find the T12 brightness; held-out PCC above 0.7 (measured: Base 0.93, MultiROI 0.89; chance ~0; with
+    seed 000's ReLU regressors MultiROI's hidden units all died and it predicted a constant).
+
+    AttMultiROI's local regressor on the whole image finds it too (measured 0.72; bound 0.5), but its global
+    regressor, on the mean of the transformer's outputs, does not (measured -0.29 here; on 48 held-out views and
+    seeds 0-2: 0.53, 0.58, 0.70; with ``dropout: 0`` and ``pooling: token`` 0.83, 0.70, 0.79), so it is not
+    asserted: the benchmark decides between those settings (README)."""
     torch.set_num_threads(2)
     rng = np.random.default_rng(0)
     views = []
@@ -77,7 +90,7 @@ def test_base_and_multiroi_learn_bmd_on_held_out_radiographs(tmp_path):
     train, test = views[:36], views[36:]
     truth = np.array([v.bmd[0] for v in test])
     settings = ChestBmdSettings(epochs=30)
-    for variant in ("Base", "MultiROI"):
+    for variant in ("Base", "MultiROI", "AttMultiROI"):
         path = tmp_path / variant / "model.pt"
         info = train_chest_model(train, variant, ["dxa_T12"], [0], path, tmp_path / f"work_{variant}", settings,
                                  device="cpu")
@@ -87,4 +100,43 @@ def test_base_and_multiroi_learn_bmd_on_held_out_radiographs(tmp_path):
         pred = predict_chest(model, payload, test)
         assert pred.shape == (12, 1)
         pcc = float(np.corrcoef(pred[:, 0], truth)[0, 1])
-        assert pcc > 0.7, (variant, pcc)
+        local = local_agreement(model, payload, test, [0])
+        if variant == "AttMultiROI":
+            assert set(local) == set(input_names(variant)) and local["whole"]["dxa_T12"] > 0.5, local
+        else:
+            assert pcc > 0.7 and local == {}, (variant, pcc)
+
+
+def test_attentive_variants_take_their_learning_rate():
+    """attentive_lr is the attentive variants' rate (when set); the plain ones keep lr, as every variant without it."""
+    from bmdpipe.models.multiroi import build_chest_model
+    from bmdpipe.train.chest_bmd import chest_optimizer
+
+    arch = {"n_outputs": 1, "width": 0.125, "hidden": 8, "layers": 1, "heads": 8, "feedforward": 16}
+    for attentive_lr, expected in ((3e-4, {"MultiROI": 1e-3, "AttMultiROI": 3e-4}),
+                                   (None, {"MultiROI": 1e-3, "AttMultiROI": 1e-3})):
+        settings = ChestBmdSettings(lr=1e-3, attentive_lr=attentive_lr, restart_epochs=10)
+        for variant, lr in expected.items():
+            opt, sched = chest_optimizer(build_chest_model({"variant": variant, **arch}), variant, settings)
+            assert opt.param_groups[0]["lr"] == pytest.approx(lr)
+            for _ in range(5):
+                opt.step()
+                sched.step()
+            assert opt.param_groups[0]["lr"] == pytest.approx(lr * 0.5 * (1 + np.cos(np.pi * 5 / 10)))
+
+
+def test_local_agreement_table_averages_folds():
+    """The report's per-input table: mean over folds of each DXA column's local PCC; QCT columns and plain models
+    (no local_pcc) left out."""
+    from bmdpipe.report import local_agreement_table
+
+    folds = [{"variants": [{"variant": "AttMultiROI", "local_pcc": {"T12": {"dxa_L1": 0.6, "qct_L1": 0.9},
+                                                                     "cervical": {"dxa_L1": -0.1, "qct_L1": 0.0}}},
+                           {"variant": "MultiROI", "local_pcc": {}}]},
+             {"variants": [{"variant": "AttMultiROI", "local_pcc": {"T12": {"dxa_L1": 0.8, "qct_L1": 0.9},
+                                                                     "cervical": {"dxa_L1": 0.1, "qct_L1": None}}}]}]
+    html = local_agreement_table(folds)
+    assert "<th>AttMultiROI dxa_L1</th>" in html and "qct" not in html and "MultiROI dxa" not in html.replace(
+        "AttMultiROI", "")
+    assert "<td>T12</td><td>0.700</td>" in html and "<td>cervical</td><td>0.000</td>" in html
+    assert local_agreement_table([{"variants": [{"variant": "Base"}]}]) == ""

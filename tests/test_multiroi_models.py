@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from bmdpipe.models.multiroi import BaseModel, MultiInput, multiroi_loss, split_patches
@@ -52,3 +53,28 @@ def test_regressor_activation_is_recorded_and_old_models_keep_relu():
     reloaded = build_chest_model(arch)
     reloaded.load_state_dict(old.state_dict())
     torch.testing.assert_close(reloaded.eval()(crops), old(crops), rtol=0, atol=0)
+
+
+def test_attentive_pooling_and_dropout():
+    """``pooling: token`` regresses from the BMD token's output alone, ``mean`` from the mean of all outputs (seed
+    000 Eq. 4); a model saved before either choice rebuilds with the mean and PyTorch's dropout 0.1."""
+    from bmdpipe.models.multiroi import build_chest_model
+
+    arch = {"variant": "AttMultiROI", "n_outputs": 2, "width": 0.125, "hidden": 8, "layers": 2, "heads": 8,
+            "feedforward": 16}
+    old = build_chest_model(arch)
+    assert old.pooling == "mean" and old.encoder.layers[0].dropout.p == 0.1
+    token = build_chest_model({**arch, "pooling": "token", "dropout": 0.0})
+    assert token.encoder.layers[0].dropout.p == 0.0
+    token.load_state_dict(old.state_dict())  # same parameters, only the pooling differs
+    crops = torch.randn(3, 15, 1, 32, 32)
+    old.eval(), token.eval()
+    z = {}
+    old.encoder.register_forward_hook(lambda m, i, out: z.setdefault("out", out))
+    g_mean, local = old(crops)
+    assert g_mean.shape == (3, 2) and local.shape == (3, 15, 2)
+    torch.testing.assert_close(g_mean, old.regressor(z["out"].mean(dim=1)))
+    g_token, _ = token(crops)
+    torch.testing.assert_close(g_token, old.regressor(z["out"][:, 0]))
+    with pytest.raises(ValueError, match="pooling"):
+        build_chest_model({**arch, "pooling": "max"})

@@ -19,6 +19,7 @@ import pytest
 import SimpleITK as sitk
 import yaml
 from bmdpipe.chest_landmarks import LANDMARKS
+from bmdpipe.train.chest_bmd import input_names
 from conftest import (
     REPO,
     build_small_cohort,
@@ -253,6 +254,9 @@ def test_virtual_cohort_runs_end_to_end(virtual_run):
         assert trained == seed000 - ({"MultiROI", "AttMultiROI"} if not detector[fold] else set()), models
         assert set(models["skipped"]) == ({"MultiROI", "AttMultiROI"} if not detector[fold] else set()), models
         assert all((work / "results" / "models" / "chest_bmd" / f"fold{fold}" / v / "model.pt").exists() for v in trained)
+        for v in models["variants"]:  # what each input's local regressor tells alone: attentive models only
+            attentive = v["variant"].startswith("Att") and models["n_test_views"] > 0
+            assert set(v["local_pcc"]) == (set(input_names(v["variant"])) if attentive else set()), v
     sheet = pd.read_csv(work / "resources" / "virtual_cohort" / "samples.tsv", sep="\t")
     assert {"dxa_L1", "qct_L1", "age", "sex"} <= set(sheet.columns)
     assert (work / "resources" / "virtual_cohort" / "truth" / "sim000.json").exists()

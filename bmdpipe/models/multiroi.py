@@ -63,6 +63,9 @@ def vgg16_features(in_channels: int = 1, width: float = 1.0, batch_norm: bool = 
     return nn.Sequential(features, nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
+#: The attentive models' global feature (:class:`MultiInput`).
+POOLINGS = ("mean", "token")
+
 #: The regressors' activations: seed 000's ReLU, and GELU (the default of :class:`ChestBmdSettings`).
 ACTIVATIONS = {"relu": lambda: nn.ReLU(inplace=True), "gelu": nn.GELU}
 
@@ -100,20 +103,26 @@ class MultiInput(nn.Module):
         layers, heads: transformer encoder size (6 layers; 8 heads, see module docstring).
         feedforward: MLP width; 256 gives the paper's 7.9M encoder parameters (§IV-A).
         activation: the regressors' (:data:`ACTIVATIONS`; why GELU: :func:`regressor`).
+        dropout: the transformer layers' dropout (seed 000 gives none; 0.1 is PyTorch's default).
+        pooling: the global feature: ``mean`` of the output embeddings, BMD token included (seed 000 Eq. 4), or
+            ``token``, the BMD token's output alone (as a ViT's class token).
     """
 
     def __init__(self, n_inputs: int, n_outputs: int = 1, *, attentive: bool, layers: int = 6, heads: int = 8,
                  feedforward: int = 256, width: float = 1.0, hidden: int = 256, batch_norm: bool = False,
-                 activation: str = "relu") -> None:
+                 activation: str = "relu", dropout: float = 0.1, pooling: str = "mean") -> None:
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, not {pooling!r}")
         self.attentive = attentive
+        self.pooling = pooling
         self.dim = d = feature_width(width)
         self.features = vgg16_features(width=width, batch_norm=batch_norm)
         if attentive:
             self.bmd_token = nn.Parameter(torch.zeros(1, 1, d))
             self.pos_embed = nn.Parameter(torch.randn(1, n_inputs + 1, d) * 0.02)
-            layer = nn.TransformerEncoderLayer(d, heads, dim_feedforward=feedforward, activation="gelu",
-                                               batch_first=True, norm_first=True)
+            layer = nn.TransformerEncoderLayer(d, heads, dim_feedforward=feedforward, dropout=dropout,
+                                               activation="gelu", batch_first=True, norm_first=True)
             self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
             self.regressor = regressor(d, n_outputs, hidden, activation)
             self.local_regressors = nn.ModuleList(regressor(d, n_outputs, hidden, activation) for _ in range(n_inputs))
@@ -127,7 +136,7 @@ class MultiInput(nn.Module):
             return self.regressor(f.flatten(1))
         z = torch.cat([self.bmd_token.expand(b, -1, -1), f], dim=1) + self.pos_embed
         z = self.encoder(z)
-        global_pred = self.regressor(z.mean(dim=1))
+        global_pred = self.regressor(z.mean(dim=1) if self.pooling == "mean" else z[:, 0])
         local = torch.stack([reg(f[:, i]) for i, reg in enumerate(self.local_regressors)], dim=1)
         return global_pred, local
 
@@ -161,11 +170,13 @@ def multiroi_loss(global_pred: torch.Tensor, local_pred: torch.Tensor | None, ta
 
 def build_chest_model(arch: dict) -> nn.Module:
     """One of :data:`VARIANTS` from ``{"variant", "n_outputs", "width", "hidden", "batch_norm", "activation",
-    "layers", "heads", "feedforward"}`` (the last three for the attentive ones; no ``activation``: ReLU)."""
+    "layers", "heads", "feedforward", "dropout", "pooling"}`` (the last five for the attentive ones; no
+    ``activation``: ReLU; no ``dropout`` / ``pooling``: 0.1 / ``mean``, what models saved before them used)."""
     kind, n_inputs, attentive = VARIANTS[arch["variant"]]
     common = {"width": arch["width"], "hidden": arch["hidden"], "batch_norm": arch.get("batch_norm", False),
               "activation": arch.get("activation", "relu")}  # models saved before the choice: ReLU
     if kind == "whole":
         return BaseModel(arch["n_outputs"], **common)
-    extra = {k: arch[k] for k in ("layers", "heads", "feedforward")} if attentive else {}
+    extra = {**{k: arch[k] for k in ("layers", "heads", "feedforward")}, "dropout": arch.get("dropout", 0.1),
+             "pooling": arch.get("pooling", "mean")} if attentive else {}  # saved before the choice: 0.1, mean
     return MultiInput(n_inputs, arch["n_outputs"], attentive=attentive, **common, **extra)

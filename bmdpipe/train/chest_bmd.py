@@ -144,6 +144,14 @@ class ChestDataset(Dataset):
         return self.x[i], self.bmd[i], self.mask[i]
 
 
+def chest_optimizer(model: torch.nn.Module, variant: str, settings: ChestBmdSettings):
+    """``(AdamW, cosine warm restarts stepped per epoch)`` for a model of ``variant``: ``settings.attentive_lr``
+    for the attentive variants when set, else ``settings.lr``."""
+    lr = settings.attentive_lr if VARIANTS[variant][2] and settings.attentive_lr is not None else settings.lr
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=settings.weight_decay)
+    return opt, torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=settings.restart_epochs)
+
+
 def train_chest_model(views: Sequence[ChestView], variant: str, columns: Sequence[str], column_index: Sequence[int],
                       out_path: str | os.PathLike[str], work: str | os.PathLike[str], settings: ChestBmdSettings,
                       *, device: str = "auto", seed: int = 0, progress: bool = False) -> dict:
@@ -157,12 +165,12 @@ def train_chest_model(views: Sequence[ChestView], variant: str, columns: Sequenc
     kind = VARIANTS[variant][0]
     arch = {"variant": variant, "n_outputs": len(column_index), "width": settings.width, "hidden": settings.hidden,
             "batch_norm": settings.batch_norm, "activation": settings.activation, "layers": settings.layers,
-            "heads": settings.heads, "feedforward": settings.feedforward, "input_size": settings.input_size}
+            "heads": settings.heads, "feedforward": settings.feedforward, "dropout": settings.dropout,
+            "pooling": settings.pooling, "input_size": settings.input_size}
     model = build_chest_model(arch).to(dev)
     norm = label_norm(views, [columns[k] for k in column_index], column_index)
     m, s = torch.tensor(norm["mean"], device=dev), torch.tensor(norm["sd"], device=dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=settings.restart_epochs)
+    opt, sched = chest_optimizer(model, variant, settings)
     state = TrainState({"model": model}, {"model": opt}, {"model": sched}, device=dev)
     aug = Augment.from_config(settings.augment)
 
@@ -209,6 +217,50 @@ def predict_chest(model: torch.nn.Module, payload: dict, views: Sequence[ChestVi
         out.append((pred[0] if isinstance(pred, tuple) else pred).float().cpu().numpy())
     pred = np.concatenate(out) if out else np.zeros((0, len(payload["norm"]["columns"])), np.float32)
     return pred * np.asarray(payload["norm"]["sd"]) + np.asarray(payload["norm"]["mean"])
+
+
+def input_names(variant: str) -> list[str]:
+    """Names of a variant's inputs in model order: the 14 ROIs of :data:`bmdpipe.chest_landmarks.ROIS` and
+    ``whole``, the 3 × 3 ``patch_{row}{col}``, or ``whole``."""
+    kind = VARIANTS[variant][0]
+    if kind == "rois":
+        return [name for name, _ in ROIS] + ["whole"]
+    return [f"patch_{r}{c}" for r in range(3) for c in range(3)] if kind == "patches" else ["whole"]
+
+
+@torch.no_grad()
+def local_agreement(model: torch.nn.Module, payload: dict, views: Sequence[ChestView], column_index: Sequence[int],
+                    *, batch_size: int = 16) -> dict[str, dict[str, float | None]]:
+    """What each input tells alone: PCC between an attentive model's local regressor of each input and the views'
+    labels (seed 000 uses the local regressors in training only; here they show which ROIs carry BMD).
+    ``column_index``: where the model's columns are in each view's ``bmd``.
+
+    Returns:
+        input name (:func:`input_names`) → column → PCC over the views with that label (None with fewer than 3
+        or a constant); empty for a plain variant.
+    """
+    variant = payload["arch"]["variant"]
+    if not VARIANTS[variant][2] or not views:
+        return {}
+    device = next(model.parameters()).device
+    kind = VARIANTS[variant][0]
+    local = []
+    for i in range(0, len(views), batch_size):
+        x = torch.from_numpy(np.stack([v.inputs[kind] for v in views[i:i + batch_size]]))[:, :, None].to(device)
+        local.append(model(x)[1].float().cpu().numpy())
+    pred = np.concatenate(local)  # (N, inputs, K), standardised units: PCC does not need them back
+    columns = payload["norm"]["columns"]
+    truth = np.stack([v.bmd for v in views]).astype(np.float64)
+    idx = list(column_index)
+    out: dict[str, dict[str, float | None]] = {}
+    for i, name in enumerate(input_names(variant)):
+        out[name] = {}
+        for k, column in enumerate(columns):
+            y, p = truth[:, idx[k]], pred[:, i, k]
+            ok = np.isfinite(y)
+            r = np.corrcoef(p[ok], y[ok])[0, 1] if ok.sum() >= 3 and np.ptp(p[ok]) > 0 and np.ptp(y[ok]) > 0 else None
+            out[name][column] = None if r is None else float(r)
+    return out
 
 
 def landmark_table(views: Sequence[ChestView], fold: int, low: float) -> pd.DataFrame:

@@ -301,7 +301,8 @@ def chest_bmd_fold_job(*, folds: str, fold: int, targets_root: str, samples: str
     Writes under ``out``: ``{variant}/model.pt`` (``model_{column}.pt`` per column with ``per_vertebra``) and
     their ``*_metrics.csv``; ``predictions.tsv`` (held-out, methods named as the variants); ``landmarks.tsv``
     (per view the detector's confidence and the low-confidence flag); ``chest_bmd.json`` (per variant: inputs,
-    models, seconds, final loss; skipped variants with the reason).
+    models, seconds, final loss, and for the attentive ones ``local_pcc``, the held-out PCC of each input's local
+    regressor per column (:func:`bmdpipe.train.chest_bmd.local_agreement`); skipped variants with the reason).
     """
     from bmdpipe.models.multiroi import VARIANTS
     from bmdpipe.train.chest_bmd import (
@@ -309,6 +310,7 @@ def chest_bmd_fold_job(*, folds: str, fold: int, targets_root: str, samples: str
         landmark_table,
         load_chest_model,
         load_chest_views,
+        local_agreement,
         predict_chest,
         summary_row,
         train_chest_model,
@@ -339,7 +341,7 @@ def chest_bmd_fold_job(*, folds: str, fold: int, targets_root: str, samples: str
     root = Path(out)
     tables, rows = [], []
     for variant in variants:
-        trained, pred = [], np.full((len(test), len(columns)), np.nan)
+        trained, pred, local = [], np.full((len(test), len(columns)), np.nan), {}
         for idx in groups:
             usable = [v for v in train if np.isfinite(v.bmd[idx]).any()]
             if not usable:
@@ -352,8 +354,10 @@ def chest_bmd_fold_job(*, folds: str, fold: int, targets_root: str, samples: str
             if test:
                 model, payload = load_chest_model(path, device)
                 pred[:, idx] = predict_chest(model, payload, test)
+                for name, by_column in local_agreement(model, payload, test, idx).items():
+                    local.setdefault(name, {}).update(by_column)
         tables.append(prediction_rows(test, fold, variant, columns, pred))
-        rows.append(summary_row(variant, VARIANTS[variant][0], trained))
+        rows.append({**summary_row(variant, VARIANTS[variant][0], trained), "local_pcc": local})
     root.mkdir(parents=True, exist_ok=True)
     write_table(pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=PREDICTION_COLUMNS),
                 root / "predictions.tsv")
