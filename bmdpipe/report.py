@@ -621,19 +621,14 @@ def local_agreement_table(folds: Sequence[dict]) -> str:
     """The attentive models' local regressors, input by input: held-out PCC with each DXA column, mean over the
     folds (``local_pcc`` of each fold's chest_bmd.json). Seed 000 assumes every chest bone carries BMD; this shows
     which inputs do on the cohort at hand."""
-    values: dict[tuple[str, str], dict[str, list[float]]] = {}
-    for d in folds:
-        for v in d.get("variants", []):
-            for name, by_column in (v.get("local_pcc") or {}).items():
-                for column, r in by_column.items():
-                    if column.startswith("dxa_") and r is not None:
-                        values.setdefault((v["variant"], column), {}).setdefault(name, []).append(r)
-    if not values:
+    rows = pd.DataFrame([(f"{v['variant']} {column}", name, r) for d in folds for v in d.get("variants", [])
+                         for name, by_column in (v.get("local_pcc") or {}).items()
+                         for column, r in by_column.items() if column.startswith("dxa_") and r is not None],
+                        columns=["model", "input", "pcc"])
+    if rows.empty:
         return ""
-    names = list(dict.fromkeys(n for by_name in values.values() for n in by_name))
-    table = pd.DataFrame({"input": names, **{f"{variant} {column}": [float(np.mean(by_name[n])) if n in by_name
-                                                                        else None for n in names]
-                                              for (variant, column), by_name in values.items()}})
+    table = rows.pivot_table(index="input", columns="model", values="pcc", aggfunc="mean", sort=False)
+    table = table.rename_axis(columns=None).reset_index()
     return ("<h3>What each input tells alone</h3><p class=note>Held-out PCC between the attentive models' local "
             "regressor of each input and DXA, mean over the folds. Seed 000 trains them as a regulariser and assumes "
             "that every chest bone carries BMD; inputs near 0 carry none on this cohort (in the virtual cohort only "

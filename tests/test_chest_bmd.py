@@ -11,6 +11,7 @@ from bmdpipe.chest_landmarks import LANDMARKS, ROIS, roi_boxes
 from bmdpipe.train.chest_bmd import (
     ChestView,
     chest_inputs,
+    chest_outputs,
     input_names,
     load_chest_model,
     local_agreement,
@@ -100,7 +101,9 @@ def test_base_and_multiroi_learn_bmd_on_held_out_radiographs(tmp_path):
         pred = predict_chest(model, payload, test)
         assert pred.shape == (12, 1)
         pcc = float(np.corrcoef(pred[:, 0], truth)[0, 1])
-        local = local_agreement(model, payload, test, [0])
+        same, local_pred = chest_outputs(model, payload, test)
+        np.testing.assert_array_equal(same, pred)
+        local = local_agreement(local_pred, truth[:, None], variant, ["dxa_T12"])
         if variant == "AttMultiROI":
             assert set(local) == set(input_names(variant)) and local["whole"]["dxa_T12"] > 0.5, local
         else:

@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import Dataset
 
 from bmdpipe.chest_landmarks import ROIS, roi_boxes
+from bmdpipe.evaluate.metrics import pcc
 from bmdpipe.io.atomic import atomic_path
 from bmdpipe.io.xray import load_xray
 from bmdpipe.models.multiroi import VARIANTS, build_chest_model, multiroi_loss
@@ -205,18 +206,28 @@ def load_chest_model(path: str | os.PathLike[str], device: str | torch.device = 
 
 
 @torch.no_grad()
-def predict_chest(model: torch.nn.Module, payload: dict, views: Sequence[ChestView], *,
-                  batch_size: int = 16) -> np.ndarray:
-    """BMD per view and column of the model, ``(N, K)`` in the columns' units (the global regressor only)."""
+def chest_outputs(model: torch.nn.Module, payload: dict, views: Sequence[ChestView], *,
+                  batch_size: int = 16) -> tuple[np.ndarray, np.ndarray | None]:
+    """One pass of the model over ``views``: the global predictions ``(N, K)`` and, for an attentive variant, the
+    local regressors' ``(N, inputs, K)`` (None for a plain one), both in the columns' units."""
     device = next(model.parameters()).device
     kind = VARIANTS[payload["arch"]["variant"]][0]
-    out = []
+    glob, local = [], []
     for i in range(0, len(views), batch_size):
         x = torch.from_numpy(np.stack([v.inputs[kind] for v in views[i:i + batch_size]]))[:, :, None].to(device)
         pred = model(x)
-        out.append((pred[0] if isinstance(pred, tuple) else pred).float().cpu().numpy())
-    pred = np.concatenate(out) if out else np.zeros((0, len(payload["norm"]["columns"])), np.float32)
-    return pred * np.asarray(payload["norm"]["sd"]) + np.asarray(payload["norm"]["mean"])
+        glob.append((pred[0] if isinstance(pred, tuple) else pred).float().cpu().numpy())
+        if isinstance(pred, tuple):
+            local.append(pred[1].float().cpu().numpy())
+    mean, sd = np.asarray(payload["norm"]["mean"]), np.asarray(payload["norm"]["sd"])
+    g = np.concatenate(glob) if glob else np.zeros((0, len(payload["norm"]["columns"])), np.float32)
+    return g * sd + mean, (np.concatenate(local) * sd + mean if local else None)
+
+
+def predict_chest(model: torch.nn.Module, payload: dict, views: Sequence[ChestView], *,
+                  batch_size: int = 16) -> np.ndarray:
+    """BMD per view and column of the model, ``(N, K)`` in the columns' units (the global regressor only)."""
+    return chest_outputs(model, payload, views, batch_size=batch_size)[0]
 
 
 def input_names(variant: str) -> list[str]:
@@ -228,38 +239,28 @@ def input_names(variant: str) -> list[str]:
     return [f"patch_{r}{c}" for r in range(3) for c in range(3)] if kind == "patches" else ["whole"]
 
 
-@torch.no_grad()
-def local_agreement(model: torch.nn.Module, payload: dict, views: Sequence[ChestView], column_index: Sequence[int],
-                    *, batch_size: int = 16) -> dict[str, dict[str, float | None]]:
-    """What each input tells alone: PCC between an attentive model's local regressor of each input and the views'
-    labels (seed 000 uses the local regressors in training only; here they show which ROIs carry BMD).
-    ``column_index``: where the model's columns are in each view's ``bmd``.
+def local_agreement(local: np.ndarray | None, truth: np.ndarray, variant: str,
+                    columns: Sequence[str]) -> dict[str, dict[str, float | None]]:
+    """What each input tells alone: PCC between an attentive model's local regressor of each input and the labels
+    (seed 000 uses the local regressors in training only; here they show which ROIs carry BMD).
+
+    Args:
+        local: ``(N, inputs, K)`` local predictions (:func:`chest_outputs`); None for a plain variant.
+        truth: ``(N, K)`` the views' labels of the model's ``columns`` (NaN where none).
 
     Returns:
         input name (:func:`input_names`) → column → PCC over the views with that label (None with fewer than 3
         or a constant); empty for a plain variant.
     """
-    variant = payload["arch"]["variant"]
-    if not VARIANTS[variant][2] or not views:
+    if local is None or not len(local):
         return {}
-    device = next(model.parameters()).device
-    kind = VARIANTS[variant][0]
-    local = []
-    for i in range(0, len(views), batch_size):
-        x = torch.from_numpy(np.stack([v.inputs[kind] for v in views[i:i + batch_size]]))[:, :, None].to(device)
-        local.append(model(x)[1].float().cpu().numpy())
-    pred = np.concatenate(local)  # (N, inputs, K), standardised units: PCC does not need them back
-    columns = payload["norm"]["columns"]
-    truth = np.stack([v.bmd for v in views]).astype(np.float64)
-    idx = list(column_index)
     out: dict[str, dict[str, float | None]] = {}
     for i, name in enumerate(input_names(variant)):
         out[name] = {}
         for k, column in enumerate(columns):
-            y, p = truth[:, idx[k]], pred[:, i, k]
-            ok = np.isfinite(y)
-            r = np.corrcoef(p[ok], y[ok])[0, 1] if ok.sum() >= 3 and np.ptp(p[ok]) > 0 and np.ptp(y[ok]) > 0 else None
-            out[name][column] = None if r is None else float(r)
+            ok = np.isfinite(truth[:, k])
+            y, p = truth[ok, k], local[ok, i, k]
+            out[name][column] = pcc(y, p) if len(y) >= 3 and np.ptp(y) > 0 and np.ptp(p) > 0 else None
     return out
 
 

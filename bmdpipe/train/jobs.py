@@ -307,11 +307,11 @@ def chest_bmd_fold_job(*, folds: str, fold: int, targets_root: str, samples: str
     from bmdpipe.models.multiroi import VARIANTS
     from bmdpipe.train.chest_bmd import (
         KINDS,
+        chest_outputs,
         landmark_table,
         load_chest_model,
         load_chest_views,
         local_agreement,
-        predict_chest,
         summary_row,
         train_chest_model,
     )
@@ -353,8 +353,9 @@ def chest_bmd_fold_job(*, folds: str, fold: int, targets_root: str, samples: str
             shutil.rmtree(work, ignore_errors=True)
             if test:
                 model, payload = load_chest_model(path, device)
-                pred[:, idx] = predict_chest(model, payload, test)
-                for name, by_column in local_agreement(model, payload, test, idx).items():
+                pred[:, idx], local_pred = chest_outputs(model, payload, test)
+                truth = np.stack([v.bmd for v in test])[:, idx]
+                for name, by_column in local_agreement(local_pred, truth, variant, payload["norm"]["columns"]).items():
                     local.setdefault(name, {}).update(by_column)
         tables.append(prediction_rows(test, fold, variant, columns, pred))
         rows.append({**summary_row(variant, VARIANTS[variant][0], trained), "local_pcc": local})
