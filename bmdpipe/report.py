@@ -32,7 +32,8 @@ import pandas as pd
 
 from bmdpipe import __version__, tscore
 from bmdpipe.evaluate import metrics
-from bmdpipe.evaluate.bmd import SEED000_METHODS, cross_vertebra_errors, method_key, patient_level_bins, patient_means
+from bmdpipe.evaluate.bmd import (SEED000_METHODS, cross_vertebra_errors, method_key, patient_level_bins, patient_means,
+                                  seed000_table)
 from bmdpipe.evaluate.robustness import JPEG_TAG, LOCALISER_TAG, VARIANT
 from bmdpipe.io.atomic import atomic_path
 
@@ -563,26 +564,9 @@ def chest_bmd_section(results: Path, samples: pd.DataFrame) -> str:
              "the whole image; the Att- variants fuse the VGG16 features with a transformer encoder and a BMD token. "
              "Same folds and held-out patients as seed 004's methods, listed below them for comparison.</p>"]
     compared = [*ours, *(m for m in COMPARED_METHODS if m in methods)]
-    sites = list(dict.fromkeys(c.split("_", 1)[1] for m in compared for c in methods[m]["columns"]
-                               if c.startswith("dxa_")))
-    rows = []
-    for m in compared:
-        row, rs, errs, aucs = [m], [], [], []
-        for site in sites:
-            a = methods[m]["columns"].get(f"dxa_{site}", {}).get("agreement", {})
-            v = ((methods[m].get("screening") or {}).get("vertebra") or {}).get(site, {})
-            r, e, auc = (a.get("pcc") or {}).get("value"), (a.get("rmse") or {}).get("value"), v.get("auc_osteoporosis")
-            row += [r, e, auc]
-            rs, errs, aucs = rs + [r], errs + [e], aucs + [auc]
-        for values in (rs, errs, aucs):
-            finite = [x for x in values if x is not None and np.isfinite(x)]
-            row.append(float(np.mean(finite)) if finite else None)
-        rows.append(row)
-    if rows and sites:
-        header = ["method"] + [f"{site} {k}" for site in sites for k in ("R", "RMSE", "AUC")] + ["mean R", "mean RMSE",
-                                                                                                "mean AUC"]
-        parts.append("<h3>Seed 000 Table I: vertebra-level R, RMSE (g/cm²) and osteoporosis AUC</h3>"
-                     + _table(pd.DataFrame(rows, columns=header)))
+    table = seed000_table(figures, compared)
+    if not table.empty:
+        parts.append("<h3>Seed 000 Table I: vertebra-level R, RMSE (g/cm²) and osteoporosis AUC</h3>" + _table(table))
     screen_rows = []
     for m in compared:
         s = methods[m].get("screening")

@@ -84,6 +84,30 @@ def test_screening_uses_patient_means_and_sex_matched_t_scores(table):
     assert set(screen["patient"]) == {"-1.75", "-2.0", "-2.25", "-2.5", "flex"}
 
 
+def test_seed000_table_lists_r_rmse_auc_per_vertebra_and_their_means(table):
+    """Seed 000 Table I: the figures are evaluate()'s, DXA sites only, rows in the order asked, means over sites."""
+    from bmdpipe.evaluate.bmd import seed000_table
+
+    df, sexes = table
+    out = evaluate(df, sexes, n_boot=0)
+    rows = seed000_table(out, ["baseline", "absent", "decomposition"]).set_index("method")
+    assert list(rows.index) == ["baseline", "decomposition"]
+    assert list(rows.columns) == ["L1 R", "L1 RMSE", "L1 AUC", "T12 R", "T12 RMSE", "T12 AUC",
+                                  "mean R", "mean RMSE", "mean AUC"]  # no QCT column
+    for method in rows.index:
+        for site in ("L1", "T12"):
+            g = df[(df.method == method) & (df.column == f"dxa_{site}")]
+            assert rows.loc[method, f"{site} R"] == pytest.approx(stats.pearsonr(g.truth, g.pred)[0], abs=1e-12)
+            assert rows.loc[method, f"{site} RMSE"] == pytest.approx(np.sqrt(((g.pred - g.truth) ** 2).mean()))
+            auc = out["methods"][method]["screening"]["vertebra"][site]["auc_osteoporosis"]
+            assert rows.loc[method, f"{site} AUC"] == pytest.approx(auc)
+        for name in ("R", "RMSE", "AUC"):
+            assert rows.loc[method, f"mean {name}"] == pytest.approx(
+                (rows.loc[method, f"L1 {name}"] + rows.loc[method, f"T12 {name}"]) / 2)
+    assert rows.loc["decomposition", "mean R"] > 0.9 > 0.3 > rows.loc["baseline", "mean R"]
+    assert seed000_table(out, ["absent"]).empty
+
+
 def test_unknown_sex_and_too_few_pairs_give_none_not_errors(table):
     df, sexes = table
     few = df[df.patient_id.isin(["p00", "p01"])]

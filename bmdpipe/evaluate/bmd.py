@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -147,6 +147,40 @@ def evaluate(predictions: pd.DataFrame, sexes: Mapping[str, str], *, reference: 
             entry["screening"] = screen
         out["methods"][method] = entry
     return finite(out)
+
+
+def seed000_table(figures: Mapping[str, Any], methods: Sequence[str]) -> pd.DataFrame:
+    """Seed 000 Table I from :func:`evaluate`'s result: per method, for each DXA site the held-out R (PCC), RMSE
+    (g/cm²) and osteoporosis AUC (patient means over views, T ≤ −2.5), then their means over the sites.
+
+    Args:
+        figures: :func:`evaluate`'s result (or bmd.json).
+        methods: rows, in order; methods absent from ``figures`` are left out.
+
+    Returns:
+        Columns ``method``, ``{site} R``, ``{site} RMSE``, ``{site} AUC`` per DXA site (head down, in the order
+        the methods list them), ``mean R``, ``mean RMSE``, ``mean AUC`` (over the sites with a finite figure);
+        a figure that could not be computed is NaN. Empty when no method has a DXA column.
+    """
+    entries = {m: figures["methods"][m] for m in methods if m in figures["methods"]}
+    sites = list(dict.fromkeys(c.split("_", 1)[1] for e in entries.values() for c in e["columns"]
+                               if c.startswith("dxa_")))
+    if not sites:
+        return pd.DataFrame()
+    rows = []
+    for method, entry in entries.items():
+        vertebra = (entry.get("screening") or {}).get("vertebra") or {}
+        row: dict[str, Any] = {"method": method}
+        for site in sites:
+            agreement = entry["columns"].get(f"dxa_{site}", {}).get("agreement", {})
+            row[f"{site} R"] = (agreement.get("pcc") or {}).get("value")
+            row[f"{site} RMSE"] = (agreement.get("rmse") or {}).get("value")
+            row[f"{site} AUC"] = vertebra.get(site, {}).get("auc_osteoporosis")
+        rows.append(row)
+    out = pd.DataFrame(rows).astype({c: float for c in rows[0] if c != "method"})
+    for name in ("R", "RMSE", "AUC"):
+        out[f"mean {name}"] = out[[f"{site} {name}" for site in sites]].mean(axis=1)
+    return out
 
 
 def finite(value: Any) -> Any:
