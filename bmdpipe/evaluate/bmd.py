@@ -158,8 +158,8 @@ def seed000_table(figures: Mapping[str, Any], methods: Sequence[str]) -> pd.Data
         methods: rows, in order; methods absent from ``figures`` are left out.
 
     Returns:
-        Columns ``method``, ``{site} R``, ``{site} RMSE``, ``{site} AUC`` per DXA site (head down, in the order
-        the methods list them), ``mean R``, ``mean RMSE``, ``mean AUC`` (over the sites with a finite figure);
+        Columns ``method``, ``{site} R``, ``{site} RMSE``, ``{site} AUC`` per DXA site (in the order the methods'
+        figures list their columns), ``mean R``, ``mean RMSE``, ``mean AUC`` (over the sites with a finite figure);
         a figure that could not be computed is NaN. Empty when no method has a DXA column.
     """
     entries = {m: figures["methods"][m] for m in methods if m in figures["methods"]}
