@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -89,6 +89,7 @@ def train_stage(
     init: str | os.PathLike[str] | None = None,
     seed: int = 0,
     progress: bool = False,
+    evaluate: Callable[[TrainState], dict[str, float]] | None = None,
 ) -> Path:
     """Train one stage on ``views``; write ``out_dir/generator.pt``, ``metrics.csv`` and ``train.json``.
 
@@ -98,6 +99,9 @@ def train_stage(
         work: checkpoint folder (resumed from when it holds ``last.pt``; removed after success).
         init: stage 1's ``generator.pt`` for stage 2 (None: from scratch).
         seed: of weights, batches and augmentation.
+        evaluate: called after every epoch with the training state (the generator is ``state.modules["g"]``,
+            ``state.epoch`` the epoch just trained, from 0); what it returns joins that epoch's row of
+            ``metrics.csv`` (``benchmarks/training.py curve`` records held-out figures this way).
 
     Returns:
         ``out_dir/generator.pt``.
@@ -128,7 +132,7 @@ def train_stage(
 
     cfg = TrainConfig(epochs=epochs, batch_size=settings.batch_size, seed=seed, amp=settings.amp)
     start = time.perf_counter()
-    fit(state, ViewDataset(views), train_step, cfg, work, progress=progress)
+    fit(state, ViewDataset(views), train_step, cfg, work, evaluate=evaluate, progress=progress)
     out = Path(out_dir)
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
