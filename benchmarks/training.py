@@ -3,6 +3,8 @@
     python benchmarks/training.py throughput [--config configs/paper.yaml] [--device cuda] [--steps 10]
     python benchmarks/training.py run --results RESULTS_DIR
     python benchmarks/training.py chest --results RESULTS_DIR [--samples SHEET] [--bootstrap 1000]
+    python benchmarks/training.py curve --work WORK_DIR [--config configs/benchmark.yaml] [--fold 0]
+        [--stage1-epochs N] [--stage2-epochs N] [--every N] [--out DIR]
 
 ``throughput`` times the decomposition GAN's update (discriminators + generator, seed 004's losses) and the
 stage-3 regressor's update on random batches at the config's image size, networks and batch size (the config
@@ -12,6 +14,13 @@ benchmark files) and prints ``results/metrics/bmd.tsv``. ``chest`` is seed 000's
 only it (targets ``results/models/chest_bmd/fold*``, no decomposition methods, so no ``evaluate_bmd``): the job
 times, each fold's held-out landmark error, and seed 000 Table I (R, RMSE, osteoporosis AUC per vertebra, every
 variant) from the folds' held-out predictions, scored as ``evaluate_bmd`` scores them, R with its 95 % CI.
+``curve`` is the decomposition's learning curve on one fold of a run whose targets and folds are made (the
+run's ``--directory``): stages 1 and 2 trained by :func:`bmdpipe.train.decomposition.train_stage` as the rule
+trains them (stage epochs from the options), and every ``--every`` stage-2 epochs (default: at the end of each
+cosine cycle) the BMD fit of ``bmd_from_decomposition`` on the generator's images of the training views, its PCC
+against each DXA column there and on the held-out views, and the PCC of the held-out images' mean intensity
+against their targets' (seed 004 Table 3's density agreement). Nothing of the run is changed; the figures
+also go to ``--out``'s ``stage2/metrics.csv``.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 import yaml
@@ -30,10 +40,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, peak_rss_mb, timed  # noqa: E402
 
 from bmdpipe.evaluate.bmd import SEED000_METHODS, evaluate, seed000_table  # noqa: E402
+from bmdpipe.evaluate.decomposition import image_accuracy  # noqa: E402
+from bmdpipe.evaluate.metrics import pcc  # noqa: E402
 from bmdpipe.models.decomposition import MultiscaleDiscriminator, build_generator  # noqa: E402
 from bmdpipe.models.regression import weighted_l1  # noqa: E402
 from bmdpipe.samples import load_samples  # noqa: E402
-from bmdpipe.train.decomposition import gan_step  # noqa: E402
+from bmdpipe.train.bmd_fit import fit_column  # noqa: E402
+from bmdpipe.train.decomposition import gan_step, predict, train_stage  # noqa: E402
+from bmdpipe.train.jobs import fold_views  # noqa: E402
+from bmdpipe.train.loop import TrainState, unwrap  # noqa: E402
 from bmdpipe.train.regression import build_regressor  # noqa: E402
 from bmdpipe.train.settings import TrainSettings  # noqa: E402
 
@@ -157,6 +172,65 @@ def chest_summary(args: argparse.Namespace) -> None:
             print(f"{method} {column}: R {r['value']:.3f} [{lo}, {hi}], {col['n_patients']} patients")
 
 
+def curve_figures(generator: torch.nn.Module, train: list, test: list, columns: list[str],
+                  settings: TrainSettings) -> dict[str, float]:
+    """The stage-2 generator's decomposition figures: per DXA column the PCC of the BMD fit (chosen and fitted on
+    the generator's images of ``train``, as ``bmd_from_decomposition``) on ``train`` and ``test``; per site the
+    PCC of the held-out images' mean intensity against their targets'."""
+    thresholds = settings.decomposition.thresholds
+    images = {"train": predict(generator, train), "test": predict(generator, test)}
+    labels = {"train": np.stack([v.bmd for v in train]), "test": np.stack([v.bmd for v in test])}
+    row = {}
+    for k, column in enumerate(columns):
+        if not column.startswith("dxa_"):
+            continue
+        fit = fit_column(images["train"], labels["train"][:, k], column,
+                         list(settings.sites).index(column.split("_", 1)[1]), thresholds)
+        for part in ("train", "test"):
+            row[f"pcc_{part}_{column}"] = pcc(labels[part][:, k], fit.apply(images[part]))
+    accuracy = image_accuracy(images["test"], np.stack([v.roi for v in test]), thresholds)
+    for j, site in enumerate(settings.sites):
+        row[f"pcc_mean_intensity_test_{site}"] = pcc(accuracy["mean_true"][:, j], accuracy["mean_pred"][:, j])
+    return row
+
+
+def learning_curve(args: argparse.Namespace) -> None:
+    cfg = merged(args.config)
+    dec = cfg["train"].setdefault("decomposition", {})
+    for key in ("stage1_epochs", "stage2_epochs"):
+        if getattr(args, key) is not None:
+            dec[key] = getattr(args, key)
+    settings = TrainSettings.from_config(cfg["train"])
+    results = args.work / "results"
+    samples = args.samples or args.work / "resources" / "virtual_cohort" / "samples.tsv"
+    train, test, columns = fold_views(results / "dataset" / "folds.json", args.fold, results / "targets", samples,
+                                      settings)
+    every = args.every or settings.decomposition.restart_epochs
+    torch.set_num_threads(args.threads)
+    print(f"machine: {machine()}, {torch.get_num_threads()} threads")
+    print(f"config: {args.config or 'config.yaml'}; fold {args.fold}: {len(train)} training views, {len(test)} "
+          f"held-out; stage 1 {settings.decomposition.stage1_epochs} epochs, stage 2 "
+          f"{settings.decomposition.stage2_epochs}, cosine restarts every {settings.decomposition.restart_epochs}")
+
+    def figures(state: TrainState) -> dict[str, float]:
+        if (state.epoch + 1) % every:
+            return {}
+        row = curve_figures(unwrap(state.modules["g"]), train, test, columns, settings)
+        print(f"stage 2 epoch {state.epoch + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
+        return row
+
+    out = args.out
+    seed = settings.seed + args.fold
+    stage1 = train_stage(train, 1, out / "stage1", out / "work1", settings, seed=seed)
+    train_stage(train, 2, out / "stage2", out / "work2", settings, init=stage1, seed=seed, evaluate=figures)
+    metrics = pd.read_csv(out / "stage2" / "metrics.csv")
+    for stage in (1, 2):
+        seconds = pd.read_csv(out / f"stage{stage}" / "metrics.csv")["seconds"]
+        print(f"stage {stage}: median {seconds.median():.1f} s per epoch")
+    shown = ["epoch"] + [c for c in metrics if c.startswith("pcc_")]
+    print(metrics.dropna(subset=shown[1:2])[shown].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -171,8 +245,19 @@ def main() -> None:
     c.add_argument("--samples", type=Path, default=None,
                    help="the run's sample sheet (default: the virtual cohort's, beside results/)")
     c.add_argument("--bootstrap", type=int, default=1000, help="resamples of whole patients for the CIs")
+    k = sub.add_parser("curve")
+    k.add_argument("--work", type=Path, required=True, help="a run's --directory with its targets and folds made")
+    k.add_argument("--config", type=Path, default=None, help="layered over config.yaml, e.g. configs/benchmark.yaml")
+    k.add_argument("--samples", type=Path, default=None,
+                   help="the run's sample sheet (default: the virtual cohort's under WORK/resources)")
+    k.add_argument("--fold", type=int, default=0)
+    k.add_argument("--stage1-epochs", type=int, default=None, help="default: the config's")
+    k.add_argument("--stage2-epochs", type=int, default=None, help="default: the config's")
+    k.add_argument("--every", type=int, default=None, help="stage-2 epochs between figures (default: the restarts')")
+    k.add_argument("--threads", type=int, default=2)
+    k.add_argument("--out", type=Path, default=Path("decomposition_curve"), help="models and metrics.csv go here")
     args = parser.parse_args()
-    {"throughput": throughput, "run": run_summary, "chest": chest_summary}[args.command](args)
+    {"throughput": throughput, "run": run_summary, "chest": chest_summary, "curve": learning_curve}[args.command](args)
 
 
 if __name__ == "__main__":
