@@ -45,7 +45,7 @@ from bmdpipe.evaluate.metrics import pcc  # noqa: E402
 from bmdpipe.models.decomposition import MultiscaleDiscriminator, build_generator  # noqa: E402
 from bmdpipe.models.regression import weighted_l1  # noqa: E402
 from bmdpipe.samples import load_samples  # noqa: E402
-from bmdpipe.train.bmd_fit import fit_column  # noqa: E402
+from bmdpipe.train.bmd_fit import fit_columns  # noqa: E402
 from bmdpipe.train.decomposition import gan_step, predict, train_stage  # noqa: E402
 from bmdpipe.train.jobs import fold_views  # noqa: E402
 from bmdpipe.train.loop import TrainState, unwrap  # noqa: E402
@@ -178,16 +178,12 @@ def curve_figures(generator: torch.nn.Module, train: list, test: list, columns: 
     the generator's images of ``train``, as ``bmd_from_decomposition``) on ``train`` and ``test``; per site the
     PCC of the held-out images' mean intensity against their targets'."""
     thresholds = settings.decomposition.thresholds
+    dxa = [k for k, c in enumerate(columns) if c.startswith("dxa_")]
     images = {"train": predict(generator, train), "test": predict(generator, test)}
-    labels = {"train": np.stack([v.bmd for v in train]), "test": np.stack([v.bmd for v in test])}
-    row = {}
-    for k, column in enumerate(columns):
-        if not column.startswith("dxa_"):
-            continue
-        fit = fit_column(images["train"], labels["train"][:, k], column,
-                         list(settings.sites).index(column.split("_", 1)[1]), thresholds)
-        for part in ("train", "test"):
-            row[f"pcc_{part}_{column}"] = pcc(labels[part][:, k], fit.apply(images[part]))
+    labels = {"train": np.stack([v.bmd for v in train])[:, dxa], "test": np.stack([v.bmd for v in test])[:, dxa]}
+    fits = fit_columns(images["train"], labels["train"], [columns[k] for k in dxa], settings.sites, thresholds)
+    row = {f"pcc_{part}_{fit.column}": pcc(labels[part][:, j], fit.apply(images[part]))
+           for j, fit in enumerate(fits) for part in ("train", "test")}
     accuracy = image_accuracy(images["test"], np.stack([v.roi for v in test]), thresholds)
     for j, site in enumerate(settings.sites):
         row[f"pcc_mean_intensity_test_{site}"] = pcc(accuracy["mean_true"][:, j], accuracy["mean_pred"][:, j])
@@ -227,8 +223,9 @@ def learning_curve(args: argparse.Namespace) -> None:
     for stage in (1, 2):
         seconds = pd.read_csv(out / f"stage{stage}" / "metrics.csv")["seconds"]
         print(f"stage {stage}: median {seconds.median():.1f} s per epoch")
-    shown = ["epoch"] + [c for c in metrics if c.startswith("pcc_")]
-    print(metrics.dropna(subset=shown[1:2])[shown].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    shown = [c for c in metrics if c.startswith("pcc_")]
+    scored = metrics.dropna(how="all", subset=shown)[["epoch", *shown]]
+    print(scored.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
 
 def main() -> None:

@@ -102,3 +102,16 @@ def fit_column(images: np.ndarray, bmd: np.ndarray, column: str, channel: int,
     slope, intercept = np.polyfit(m, y, 1)
     return BmdFit(column, channel, float(best), float(slope), float(intercept), curve[f"{best:g}"], int(ok.sum()),
                   curve, (float(m.min()), float(m.max())))
+
+
+def fit_columns(images: np.ndarray, bmd: np.ndarray, columns: Sequence[str], sites: Sequence[str],
+                thresholds: Sequence[float]) -> list[BmdFit]:
+    """:func:`fit_column` for every BMD column ``{measure}_{site}``, each on its site's channel.
+
+    Args:
+        images: ``(N, S, H, W)`` ROI images of the training views, g/cm², channels in ``sites`` order.
+        bmd: ``(N, K)`` labels, one column per entry of ``columns`` (NaN rows ignored per column).
+        thresholds: candidates, g/cm².
+    """
+    return [fit_column(images, bmd[:, k], c, list(sites).index(c.split("_", 1)[1]), thresholds)
+            for k, c in enumerate(columns)]

@@ -29,7 +29,7 @@ import pandas as pd
 from bmdpipe import __version__
 from bmdpipe.io.atomic import atomic_path, write_json
 from bmdpipe.samples import load_samples
-from bmdpipe.train.bmd_fit import fit_column
+from bmdpipe.train.bmd_fit import fit_columns
 from bmdpipe.train.data import View, bmd_columns, bmd_labels, load_views
 from bmdpipe.train.folds import make_folds, split
 from bmdpipe.train.loop import resolve_device
@@ -100,10 +100,6 @@ def fold_views(folds_json: str | os.PathLike[str], fold: int, targets_root: str 
     return train, test, list(info["columns"])
 
 
-def _site_channel(column: str, sites: Sequence[str]) -> int:
-    return list(sites).index(column.split("_", 1)[1])
-
-
 def prediction_rows(views: Sequence[View], fold: int, method: str, columns: Sequence[str],
                     pred: np.ndarray) -> pd.DataFrame:
     """Long rows for ``pred`` ``(N, K)``; views without a label for a column are left out."""
@@ -143,10 +139,8 @@ def bmd_fit_job(generator_path: str | os.PathLike[str], train: Sequence[View], t
     true_train = np.stack([v.roi for v in train])
     labels_train = np.stack([v.bmd for v in train])
     fit_images = predict(gen, train) if settings.decomposition.fit_on == "predicted" else true_train
-    fits = [fit_column(fit_images, labels_train[:, k], c, _site_channel(c, settings.sites), thresholds)
-            for k, c in enumerate(columns)]
-    ceiling_fits = [fit_column(true_train, labels_train[:, k], c, _site_channel(c, settings.sites), thresholds)
-                    for k, c in enumerate(columns)]
+    fits = fit_columns(fit_images, labels_train, columns, settings.sites, thresholds)
+    ceiling_fits = fit_columns(true_train, labels_train, columns, settings.sites, thresholds)
     pred_images = predict(gen, test)
     true_test = np.stack([v.roi for v in test])
     pred = np.stack([f.apply(pred_images) for f in fits], axis=1)
