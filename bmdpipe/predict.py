@@ -41,6 +41,7 @@ import torch
 from bmdpipe import __version__, tscore
 from bmdpipe.errors import InputError
 from bmdpipe.io.atomic import atomic_path, write_json
+from bmdpipe.samples import column_parts
 from bmdpipe.train.bmd_fit import BmdFit
 from bmdpipe.train.data import model_input
 
@@ -176,7 +177,7 @@ class Predictor:
                 flags.append(f"field height {result['height_fraction']:.0%} of the radiograph, training fields "
                              f"{lo:.0%}–{hi:.0%} (another anatomy scale or not this body region)")
         for k, col in enumerate(self.columns):
-            measure = col.split("_", 1)[0]
+            measure = column_parts(col)[0]
             feats = result["feature"][:, k]
             fits = [f["fits"][k] for f in self.folds]
             if np.any(feats <= 0) and all(fit.train_range is None or fit.train_range[0] > 0 for fit in fits):
@@ -224,7 +225,7 @@ def _sex(path: Path, override: str | None) -> tuple[str, str]:
 
 def classify(column: str, value: float, sex: str, reference: Any) -> tuple[float, str]:
     """``(T-score, class)``: WHO classes on the T-score for DXA columns; ACR vBMD classes for QCT (no T-score)."""
-    measure, site = column.split("_", 1)
+    measure, site = column_parts(column)
     if measure == "qct":
         return float("nan"), ("osteoporosis" if value < QCT_OSTEOPOROSIS else
                               "osteopenia" if value < QCT_OSTEOPENIA else "normal")
@@ -285,7 +286,7 @@ def predict_files(model: str | os.PathLike[str] | Predictor, files: Sequence[str
         s, s_source = _sex(path, sex)
         png = save_decomposition(result, predictor.meta["sites"], images / f"{i:04d}_{path.stem}")
         for k, col in enumerate(predictor.columns):
-            measure, site = col.split("_", 1)
+            measure, site = column_parts(col)
             bmd = float(result["regression"][:, k].mean())
             t, cls = classify(col, bmd, s, reference)
             rows.append({"file": str(path), "status": "ok", "error": "", "column": col, "site": site,

@@ -33,7 +33,7 @@ import pandas as pd
 from bmdpipe import __version__, tscore
 from bmdpipe.evaluate import metrics
 from bmdpipe.evaluate.bmd import (SEED000_METHODS, cross_vertebra_errors, method_key, patient_level_bins, patient_means,
-                                  seed000_table)
+                                  seed000_table, table_sites)
 from bmdpipe.evaluate.robustness import JPEG_TAG, LOCALISER_TAG, VARIANT
 from bmdpipe.io.atomic import atomic_path
 
@@ -480,7 +480,7 @@ def seed000_figures(results: Path, samples: pd.DataFrame, reference: Any, method
     predictions = pd.read_csv(pred_path, sep="\t")
     patients = samples.drop_duplicates("patient_id").set_index("patient_id")
     table = patient_means(predictions, method, patients)
-    sites = [c.split("_", 1)[1] for c in table.columns if c.startswith("truth_")]
+    sites = table_sites(table)
     if table.empty or not sites:
         return ""
     parts = []

@@ -217,6 +217,15 @@ def patients(df: pd.DataFrame) -> list[str]:
     return list(dict.fromkeys(df["patient_id"]))
 
 
+def column_parts(column: str) -> tuple[str, str]:
+    """``(prefix, site)`` of a per-site column ``{prefix}_{site}``: a sheet's BMD column (``"dxa_L1"`` →
+    ``("dxa", "L1")``, ``"qct_L1"``) or a per-patient table's ``truth_L1`` / ``pred_L1``."""
+    prefix, sep, site = column.partition("_")
+    if not (prefix and sep and site):
+        raise ValueError(f"column {column!r} is not named prefix_site (e.g. dxa_L1)")
+    return prefix, site
+
+
 #: Columns of a manual landmark table (:func:`read_landmark_table`).
 LANDMARK_COLUMNS = ("patient_id", "view", "landmark", "row", "col")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bmdpipe.errors import ConfigError
-from bmdpipe.samples import load_samples
+from bmdpipe.samples import column_parts, load_samples
 
 HEADER = ["patient_id", "view", "xray", "ct", "dxa_L1", "dxa_L2", "qct_L1", "age", "sex"]
 GOOD = [
@@ -97,3 +97,12 @@ def test_missing_sheet_and_empty_sheet(tmp_path):
         load_samples(tmp_path / "nosuch.tsv")
     with pytest.raises(ConfigError, match=r"has a header but no rows"):
         load_samples(write_sheet(tmp_path, []))
+
+
+def test_column_parts_splits_at_the_first_underscore_only():
+    assert column_parts("dxa_L1") == ("dxa", "L1")
+    assert column_parts("truth_T12") == ("truth", "T12")
+    assert column_parts("qct_L1_mean") == ("qct", "L1_mean")
+    for bad in ("dxaL1", "dxa_", "_L1"):
+        with pytest.raises(ValueError, match=f"{bad!r} is not named prefix_site"):
+            column_parts(bad)

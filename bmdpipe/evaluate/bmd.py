@@ -9,6 +9,7 @@ import pandas as pd
 
 from bmdpipe import tscore
 from bmdpipe.evaluate import metrics
+from bmdpipe.samples import column_parts
 
 #: Row order of the results table; other methods follow in name order.
 #: Seed 000's models, named as :data:`bmdpipe.models.multiroi.VARIANTS` (their held-out method names).
@@ -76,7 +77,7 @@ def _with_ci(func, *arrays, groups, n_boot: int, seed: int) -> dict[str, Any]:
 
 def _per_patient_t(g: pd.DataFrame, column: str, sexes: Mapping[str, str], reference) -> pd.DataFrame:
     """Per patient (views averaged): true and predicted T-scores of one DXA column; patients of unknown sex dropped."""
-    site = column.split("_", 1)[1]
+    site = column_parts(column)[1]
     means = g[g.column == column].groupby("patient_id")[["truth", "pred"]].mean()
     rows = {}
     for patient, r in means.iterrows():
@@ -130,7 +131,7 @@ def evaluate(predictions: pd.DataFrame, sexes: Mapping[str, str], *, reference: 
                 col["per_pose"][view] = pose
             entry["columns"][column] = col
         dxa = [c for c in entry["columns"] if c.startswith("dxa_")]
-        per_site = {c.split("_", 1)[1]: _per_patient_t(gm, c, sexes, reference) for c in dxa}
+        per_site = {column_parts(c)[1]: _per_patient_t(gm, c, sexes, reference) for c in dxa}
         patients = sorted(set().union(*(t.index for t in per_site.values())))
         entry["screening"] = None  # no DXA column, or no patient of known sex
         if patients:
@@ -163,7 +164,7 @@ def seed000_table(figures: Mapping[str, Any], methods: Sequence[str]) -> pd.Data
         a figure that could not be computed is NaN. Empty when no method has a DXA column.
     """
     entries = {m: figures["methods"][m] for m in methods if m in figures["methods"]}
-    sites = list(dict.fromkeys(c.split("_", 1)[1] for e in entries.values() for c in e["columns"]
+    sites = list(dict.fromkeys(column_parts(c)[1] for e in entries.values() for c in e["columns"]
                                if c.startswith("dxa_")))
     if not sites:
         return pd.DataFrame()
@@ -213,10 +214,15 @@ def patient_means(predictions: pd.DataFrame, method: str, patients: pd.DataFrame
     g = predictions[(predictions.method == method) & predictions.column.str.startswith("dxa_")]
     g = g.dropna(subset=["truth", "pred"])
     means = g.groupby(["patient_id", "column"])[["truth", "pred"]].mean().unstack("column")
-    means.columns = [f"{kind}_{column.split('_', 1)[1]}" for kind, column in means.columns]
-    means = means[sorted(means.columns, key=lambda c: (_level(c.split("_", 1)[1]), c))]
+    means.columns = [f"{kind}_{column_parts(column)[1]}" for kind, column in means.columns]
+    means = means[sorted(means.columns, key=lambda c: (_level(column_parts(c)[1]), c))]
     info = patients.reindex(means.index)[["sex", "age"]]
     return pd.concat([info, means], axis=1)
+
+
+def table_sites(table: pd.DataFrame) -> list[str]:
+    """The DXA sites of a :func:`patient_means` table, in its column order (``truth_T12`` → ``T12``)."""
+    return [column_parts(c)[1] for c in table.columns if c.startswith("truth_")]
 
 
 def patient_level_bins(table: pd.DataFrame, reference: Any = tscore.DEFAULT_REFERENCE) -> pd.DataFrame:
@@ -230,7 +236,7 @@ def patient_level_bins(table: pd.DataFrame, reference: Any = tscore.DEFAULT_REFE
         One row per bin, ``N`` (no osteoporotic vertebra) then ``P1``, ``P2``, …: ``patients``, ``correct``
         (true negatives in ``N``, true positives in the ``P`` bins) and ``fraction`` correct.
     """
-    sites = [c.split("_", 1)[1] for c in table.columns if c.startswith("truth_")]
+    sites = table_sites(table)
     rows = table[table.sex.isin(["F", "M"])].dropna(subset=[f"{k}_{s}" for s in sites for k in ("truth", "pred")])
     n_osteo, positive = [], []
     for _, r in rows.iterrows():
@@ -264,7 +270,7 @@ def cross_vertebra_errors(table: pd.DataFrame) -> pd.DataFrame:
         One row per group (``group`` "sex: F", "age: 60–69", …, and "all") with ``patients``, ``|A−B|`` per pair
         of sites and ``MAE A`` per site.
     """
-    sites = [c.split("_", 1)[1] for c in table.columns if c.startswith("truth_")]
+    sites = table_sites(table)
     groups = [("all", np.ones(len(table), dtype=bool))]
     groups += [(f"sex: {s}", (table.sex == s).to_numpy()) for s in ("F", "M")]
     age = pd.to_numeric(table.age, errors="coerce").to_numpy()

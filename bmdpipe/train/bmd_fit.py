@@ -16,6 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
+from bmdpipe.samples import column_parts
+
 
 def thresholded_means(images: np.ndarray, t: float) -> np.ndarray:
     """Mean of the pixels ≥ ``t`` per image and channel.
@@ -113,5 +115,5 @@ def fit_columns(images: np.ndarray, bmd: np.ndarray, columns: Sequence[str], sit
         bmd: ``(N, K)`` labels, one column per entry of ``columns`` (NaN rows ignored per column).
         thresholds: candidates, g/cm².
     """
-    return [fit_column(images, bmd[:, k], c, list(sites).index(c.split("_", 1)[1]), thresholds)
+    return [fit_column(images, bmd[:, k], c, list(sites).index(column_parts(c)[1]), thresholds)
             for k, c in enumerate(columns)]
