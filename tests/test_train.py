@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from bmdpipe.train.folds import make_folds, split
+from bmdpipe.train.loop import unwrap
 
 SCRIPT = Path(__file__).resolve().parent / "train_tiny.py"
 
@@ -78,3 +79,13 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
     assert (tmp_path / "ddp" / "final.pt").exists()
+
+
+def test_unwrap_strips_only_distributed_data_parallel():
+    """An AveragedModel also has ``.module``; unwrapping it would drop its ``n_averaged`` from checkpoints.
+    (The DDP path runs in test_torchrun_two_cpu_processes: train_tiny saves ``unwrap(model)``.)"""
+    net = torch.nn.Linear(2, 1)
+    averaged = torch.optim.swa_utils.AveragedModel(net)
+    assert unwrap(net) is net
+    assert unwrap(averaged) is averaged
+    assert "n_averaged" in unwrap(averaged).state_dict()

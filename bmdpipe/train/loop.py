@@ -131,7 +131,9 @@ def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    return module.module if hasattr(module, "module") else module
+    """The module inside a DistributedDataParallel wrapper; any other module (e.g. an ``AveragedModel``, which
+    also has a ``.module``) as it is, so that its own state is what a checkpoint saves."""
+    return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
 
 
 def make_loader(dataset: Dataset, cfg: TrainConfig, epoch: int, *, shuffle: bool = True) -> DataLoader:
