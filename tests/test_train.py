@@ -79,11 +79,15 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
     assert (tmp_path / "ddp" / "final.pt").exists()
+    # unwrap() took the DDP wrapper off: the weights and the checkpoint carry the bare network's keys
+    bare = {"0.weight", "0.bias", "1.weight", "1.bias", "5.weight", "5.bias"}
+    assert set(torch.load(tmp_path / "ddp" / "final.pt")) == bare
+    assert set(torch.load(tmp_path / "ddp" / "last.pt", weights_only=False)["modules"]["model"]) == bare
 
 
 def test_unwrap_strips_only_distributed_data_parallel():
     """An AveragedModel also has ``.module``; unwrapping it would drop its ``n_averaged`` from checkpoints.
-    (The DDP path runs in test_torchrun_two_cpu_processes: train_tiny saves ``unwrap(model)``.)"""
+    (The DDP path is checked in test_torchrun_two_cpu_processes.)"""
     net = torch.nn.Linear(2, 1)
     averaged = torch.optim.swa_utils.AveragedModel(net)
     assert unwrap(net) is net
